@@ -1,0 +1,59 @@
+"""Llama-family decoders (Llama 2/3, SmolLM2, Qwen2): RMSNorm, rotary positions, SwiGLU MLP,
+grouped-query attention. Qwen2 differs only by `qkv_bias=True` in its config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmft.models.config import ModelConfig, RopeScaling
+from llmft.models.transformer import DecoderLM, Rope
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer, 2020)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.bias)
+        self.up = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.bias)
+        self.down = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """1 / theta^(2i/d), with Llama-3's smooth stretch of the low frequencies when scaling is set."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq.float()
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = scaling.original_context_length / scaling.low_freq_factor
+    high_wavelen = scaling.original_context_length / scaling.high_freq_factor
+    smooth = (scaling.original_context_length / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    return torch.where(medium, blended, scaled).float()
+
+
+class Llama(DecoderLM):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def make_norm(self) -> nn.Module:
+        return nn.RMSNorm(self.cfg.emb_dim, eps=self.cfg.norm_eps)
+
+    def make_mlp(self) -> nn.Module:
+        return SwiGLU(self.cfg)
+
+    def rope(self, positions: torch.Tensor) -> Rope:
+        angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, head_dim / 2)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos(), angles.sin()

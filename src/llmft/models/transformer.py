@@ -1,0 +1,185 @@
+"""The decoder-only transformer shared by every architecture.
+
+`DecoderLM` is the whole skeleton: token embedding, a stack of pre-norm `Block`s, final norm,
+output head. An architecture (`gpt2.py`, `llama.py`) only says which norm, which MLP and how
+positions enter (learned embeddings or rotary). Everything downstream (classification heads,
+freezing, LoRA, the activation cache, generation) relies on these names:
+``tok_emb``, ``blocks[i].attn.{query,key,value,proj}``, ``blocks[i].mlp``, ``final_norm``,
+``out_head``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llmft.models.config import ModelConfig
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, T, head_dim)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values for one attention layer, so a new token costs one position."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v at slots [start, start+T) and return every slot filled so far."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of x (B, H, T, d) by position-dependent angles (RoFormer)."""
+    cos, sin = (t.unsqueeze(1).to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query) causal attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.query = nn.Linear(cfg.emb_dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.key = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.value = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.emb_dim, bias=cfg.bias)
+        self.drop_rate = cfg.drop_rate
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
+                cache_pos: int | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.key(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.value(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.kv_cache is not None and cache_pos is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)
+        S = k.shape[2]
+        if mask is None and 1 < T < S:  # chunked prefill: causal, shifted by the cached prefix
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.drop_rate if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: ModelConfig, norm1: nn.Module, norm2: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = norm1, CausalSelfAttention(cfg), norm2, mlp
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
+                cache_pos: int | None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.attn(self.norm1(x), rope, mask, cache_pos))
+        return x + self.drop_shortcut(self.mlp(self.norm2(x)))
+
+
+class DecoderLM(nn.Module):
+    """Token embedding -> blocks -> final norm -> output head. Subclasses supply the parts.
+
+    Calling conventions shared by training, classification and generation:
+    - ``positions`` (B, T) are the position ids of the tokens (left padding shifts them);
+      default ``cache_pos + arange(T)``.
+    - ``mask`` is a boolean (B, 1, T, S) "may attend" mask, or None for plain causal attention.
+    - ``cache_pos`` is the first key/value cache slot the tokens are written to; None: no cache.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList(
+            Block(cfg, self.make_norm(), self.make_norm(), self.make_mlp()) for _ in range(cfg.n_layers)
+        )
+        self.final_norm = self.make_norm()
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.grad_checkpoint = False
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+
+    # -- what an architecture provides -------------------------------------------------
+    def make_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def make_mlp(self) -> nn.Module:
+        raise NotImplementedError
+
+    def position_embedding(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Added to the token embeddings (learned absolute positions), or None."""
+        return None
+
+    def rope(self, positions: torch.Tensor) -> Rope | None:
+        """Rotary (cos, sin) for these positions, or None."""
+        return None
+
+    # -- the shared forward ------------------------------------------------------------
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def default_positions(self, idx: torch.Tensor, cache_pos: int | None) -> torch.Tensor:
+        start = cache_pos or 0
+        return torch.arange(start, start + idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
+
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx)
+        pos = self.position_embedding(positions)
+        return self.drop_emb(x if pos is None else x + pos)
+
+    def run_blocks(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                   cache_pos: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Apply blocks[start:stop] to hidden states x (the activation cache resumes here)."""
+        rope = self.rope(positions)
+        for block in self.blocks[start:stop]:
+            if self.grad_checkpoint and self.training:
+                x = checkpoint(block, x, rope, mask, cache_pos, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache_pos)
+        return x
+
+    def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None, cache_pos: int | None = None) -> torch.Tensor:
+        """Normalised final hidden states (B, T, emb_dim): what a task head reads."""
+        if positions is None:
+            positions = self.default_positions(idx, cache_pos)
+        x = self.run_blocks(self.embed(idx, positions), positions, mask, cache_pos)
+        return self.final_norm(x)
+
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache_pos: int | None = None) -> torch.Tensor:
+        return self.out_head(self.hidden_states(idx, positions, mask, cache_pos))
+
+    # -- key/value cache ---------------------------------------------------------------
+    def set_kv_cache(self, batch_size: int, max_len: int) -> None:
+        p = self.tok_emb.weight
+        for block in self.blocks:
+            block.attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_len,
+                                          self.cfg.head_dim, p.device, p.dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
