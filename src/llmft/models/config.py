@@ -62,6 +62,13 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
     def with_(self, **changes: Any) -> ModelConfig:
+        """A changed copy. Fields that held their derived default are derived again
+        (a smaller emb_dim also shrinks an MLP width that was 4 * emb_dim)."""
+        derived = {"n_kv_heads": self.n_heads, "hidden_dim": 4 * self.emb_dim,
+                   "head_dim": self.emb_dim // self.n_heads}
+        for key, value in derived.items():
+            if key not in changes and getattr(self, key) == value:
+                changes[key] = 0
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,48 @@
+"""Command-line options shared by the training commands, generated from `TrainConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, get_type_hints
+
+import click
+
+from llmft.training.loop import TrainConfig
+
+HELP = {
+    "epochs": "Passes over the training data.",
+    "batch_size": "Examples per batch.",
+    "lr": "Peak AdamW learning rate.",
+    "weight_decay": "AdamW weight decay.",
+    "eval_freq": "Evaluate train/validation loss every N optimizer steps.",
+    "eval_iter": "Batches per loss evaluation.",
+    "grad_accum": "Batches accumulated per optimizer step.",
+    "max_grad_norm": "Clip the gradient norm to this value.",
+    "warmup_steps": "Linear warm-up steps.",
+    "lr_schedule": "constant or cosine (after warm-up).",
+    "min_lr_ratio": "Cosine floor as a fraction of --lr.",
+    "seed": "Seed for data shuffling, splits and initialisation.",
+    "device": "auto (cuda, mps, cpu), or a torch device name.",
+    "precision": "32, bf16-mixed or 16-mixed (loss scaling).",
+}
+
+
+def train_options(**defaults: Any):
+    """Add one option per TrainConfig field, with task-specific defaults."""
+    hints = get_type_hints(TrainConfig)
+
+    def decorate(command):
+        for f in reversed(dataclasses.fields(TrainConfig)):
+            default = defaults.get(f.name, f.default)
+            kind = hints[f.name]
+            click_type = {int: int, float: float, str: str}.get(kind, float)  # float | None → float
+            command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=click_type, default=default,
+                                   show_default=True, help=HELP[f.name])(command)
+        return command
+
+    return decorate
+
+
+def train_config(kwargs: dict[str, Any]) -> TrainConfig:
+    """Pop the TrainConfig fields out of a command's keyword arguments."""
+    return TrainConfig(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(TrainConfig)})

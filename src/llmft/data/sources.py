@@ -1,0 +1,140 @@
+"""Named public data sets and the readers for labelled text files.
+
+A name (`sms-spam`, `instruction-data`) resolves to a local copy when one exists
+(see `llmft.paths.local_data_dirs`), else to a verified download in the cache. Readers
+decode strictly and report the file and line of anything they cannot use.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmft.download import download, md5sum
+from llmft.errors import LlmftError
+from llmft.paths import cache_dir, find_local
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    url: str
+    relative: str  # path of the usable file under a local data folder or the cache
+    md5: str | None = None  # of the usable file
+    zip_member: str | None = None  # the file inside a downloaded zip
+
+
+NAMED_DATASETS = {
+    "sms-spam": NamedDataset(
+        url="https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+        relative="sms-spam-collection/SMSSpamCollection",
+        md5="1949b64a224790d01335c2bf8a0e48b2",
+        zip_member="SMSSpamCollection",
+    ),
+    "instruction-data": NamedDataset(
+        url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
+            "instruction-data.json",
+        relative="instruction-data/instruction-data.json",
+    ),
+}
+
+
+def resolve_data(name_or_path: str) -> Path:
+    """A named data set's file (local copy, cache, or download), or an existing path."""
+    named = NAMED_DATASETS.get(name_or_path)
+    if named is None:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise LlmftError(f"{path}: data file not found (or use a name: {', '.join(NAMED_DATASETS)})")
+        return path
+    if local := find_local(named.relative):
+        return local
+    cached = cache_dir() / named.relative
+    if not cached.is_file():
+        if named.zip_member is None:
+            download(named.url, named.relative, named.md5)
+        else:
+            archive = download(named.url, named.relative + ".zip")
+            with zipfile.ZipFile(archive) as z:
+                cached.write_bytes(z.read(named.zip_member))
+    if named.md5 and md5sum(cached) != named.md5:
+        cached.unlink()
+        raise LlmftError(f"{cached}: checksum mismatch for {name_or_path}; removed, run again to re-download")
+    return cached
+
+
+def read_lines(path: Path) -> list[str]:
+    """Lines of a UTF-8 text file; undecodable bytes are reported with their line number."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise LlmftError(f"{path}: cannot read ({e.strerror})") from None
+    lines = raw.splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise LlmftError(f"{path}, line {number}: not valid UTF-8 (byte {e.start})") from None
+    return out
+
+
+def read_labelled_texts(path: Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, str]]:
+    """(text, label) pairs from JSONL, CSV/TSV with a header row, or header-less
+    `label<TAB>text` lines (the SMS Spam Collection's format, read without CSV quoting)."""
+    lines = read_lines(path)
+    if not lines:
+        raise LlmftError(f"{path}: file is empty")
+    if path.suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, lines, text_column, label_column)
+    delimiter = "," if path.suffix == ".csv" else "\t"
+    header = next(csv.reader([lines[0]], delimiter=delimiter))
+    if text_column in header or label_column in header or path.suffix == ".csv":
+        return _read_table(path, lines, delimiter, text_column, label_column)
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        label, sep, text = line.partition("\t")
+        if not sep:
+            raise LlmftError(f"{path}, line {number}: expected 'label<TAB>text' or a header row "
+                             f"naming columns {text_column!r} and {label_column!r}")
+        pairs.append(_checked(path, number, text, label))
+    return pairs
+
+
+def _checked(path: Path, number: int, text: object, label: object) -> tuple[str, str]:
+    if not isinstance(text, str) or not text.strip():
+        raise LlmftError(f"{path}, line {number}: empty text")
+    if label is None or not str(label).strip():
+        raise LlmftError(f"{path}, line {number}: empty label")
+    return text, str(label).strip()
+
+
+def _read_table(path: Path, lines: list[str], delimiter: str, text_column: str, label_column: str):
+    reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delimiter)
+    missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
+    if missing:
+        raise LlmftError(f"{path}, line 1: missing column(s) {', '.join(map(repr, missing))}; "
+                         f"found {', '.join(map(repr, reader.fieldnames or []))} "
+                         f"(choose with --text-column/--label-column)")
+    return [_checked(path, reader.line_num, row[text_column], row[label_column]) for row in reader]
+
+
+def _read_jsonl(path: Path, lines: list[str], text_column: str, label_column: str):
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlmftError(f"{path}, line {number}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or text_column not in row or label_column not in row:
+            raise LlmftError(f"{path}, line {number}: expected an object with keys "
+                             f"{text_column!r} and {label_column!r}")
+        pairs.append(_checked(path, number, row[text_column], row[label_column]))
+    return pairs

@@ -1,0 +1,16 @@
+"""Peak memory, measured the same way in training runs and benchmarks."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA; peak resident set size of the process otherwise."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / 2**20 if sys.platform == "darwin" else rss / 2**10, 1)
