@@ -1,0 +1,204 @@
+"""Instruction data (book chapter 7): load, split, tokenize and batch instruction/response pairs.
+
+The pipeline is the book's: entries -> `split_instruction_data` -> `InstructionDataset` (one token
+list per entry, prompt style applied) -> `collate_instruction` (pad, shift, mask) in a DataLoader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from llmft.download import download
+from llmft.errors import LlmftError
+from llmft.paths import find_local
+from llmft.prompts import PromptStyle, get_prompt_style
+
+log = logging.getLogger(__name__)
+
+INSTRUCTION_DATA_NAME = "instruction-data"
+INSTRUCTION_DATA_FILE = "instruction-data/instruction-data.json"
+INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+                        "01_main-chapter-code/instruction-data.json")
+
+
+def _parse_records(path: Path, text: str) -> list[tuple[Any, str]]:
+    """(object, where) pairs from a JSON list or JSON Lines text; `where` names the entry."""
+    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LlmftError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        return [(obj, f"entry {i}") for i, obj in enumerate(data)]
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlmftError(f"{path}: invalid JSON at line {lineno}, column {e.colno}: {e.msg}") from None
+        records.append((obj, f"entry {len(records)} (line {lineno})"))
+    return records
+
+
+def load_instruction_data(path_or_name: str | Path, instruction_key: str = "instruction",
+                          input_key: str | None = "input", output_key: str = "output") -> list[dict]:
+    """Entries with keys ``instruction``, ``input``, ``output`` (all strings, output non-empty).
+
+    `path_or_name` is ``instruction-data`` (the book's 1,100 examples: a local copy when one
+    exists, else downloaded once) or a file: a JSON list of objects, or JSON Lines. The three
+    keys can be renamed for other data sets; ``input_key=None`` for data without an input field.
+    Other fields of an entry are kept. Entries are numbered from 0 in error messages.
+    """
+    if str(path_or_name) == INSTRUCTION_DATA_NAME:
+        path = find_local(INSTRUCTION_DATA_FILE) or download(INSTRUCTION_DATA_URL, INSTRUCTION_DATA_FILE)
+    else:
+        path = Path(path_or_name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LlmftError(f"{path}: file not found (expected a JSON/JSONL file or "
+                         f"{INSTRUCTION_DATA_NAME!r})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmftError(f"{path}: cannot read ({e})") from None
+
+    keys = {"instruction": instruction_key, "input": input_key, "output": output_key}
+    entries = []
+    for obj, where in _parse_records(path, text):
+        if not isinstance(obj, dict):
+            raise LlmftError(f"{path}: {where}: expected an object, got {type(obj).__name__}")
+        entry = dict(obj)
+        for field, key in keys.items():
+            if key is None:
+                entry[field] = ""
+                continue
+            if key not in obj:
+                raise LlmftError(f"{path}: {where}: missing key {key!r}")
+            if not isinstance(obj[key], str):
+                raise LlmftError(f"{path}: {where}: key {key!r} must be a string, "
+                                 f"got {type(obj[key]).__name__}")
+            entry[field] = obj[key]
+        if not entry["output"].strip():
+            raise LlmftError(f"{path}: {where}: empty {output_key!r}")
+        entries.append(entry)
+    if not entries:
+        raise LlmftError(f"{path}: no entries")
+    return entries
+
+
+def split_instruction_data(entries: Sequence[dict], seed: int = 123,
+                           fractions: tuple[float, float, float] = (0.85, 0.10, 0.05),
+                           shuffle: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, test, validation) in the book's order and sizes: train is the first
+    int(0.85 n), test the next int(0.10 n), validation the rest (1,100 -> 935/110/55).
+
+    `shuffle=False` reproduces the book exactly (it splits the file in order); shuffling uses
+    `random.Random(seed)`, so a split is the same on every machine.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise LlmftError(f"split fractions {fractions}: expected three non-negative numbers summing to 1")
+    data = list(entries)
+    if shuffle:
+        random.Random(seed).shuffle(data)
+    train_portion = int(len(data) * fractions[0])
+    test_portion = int(len(data) * fractions[1])
+    return (data[:train_portion], data[train_portion:train_portion + test_portion],
+            data[train_portion + test_portion:])
+
+
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class InstructionDataset(Dataset):
+    """Pre-tokenized ``prompt_style.format(entry) + prompt_style.response_text(entry)``.
+
+    Each item is ``{"input_ids": [...], "prompt_len": n}``: `prompt_len` counts the tokens of the
+    prompt part, for prompt masking (exercise 7.2). The whole text is encoded in one piece, as in
+    the book, so the ids match the book's; the prompt length is the common prefix of that and the
+    encoded prompt (a merge across the boundary counts as response).
+
+    Examples longer than `allowed_max_length` tokens are cut to that length (keeping the start)
+    and counted in `n_truncated`; one warning reports the count.
+    """
+
+    def __init__(self, entries: Sequence[Mapping[str, Any]], tokenizer: Any,
+                 prompt_style: str | PromptStyle = "alpaca", allowed_max_length: int | None = None) -> None:
+        self.data = list(entries)
+        style = get_prompt_style(prompt_style, tokenizer) if isinstance(prompt_style, str) else prompt_style
+        self.prompt_style = style
+        self.encoded_texts: list[list[int]] = []
+        self.prompt_lengths: list[int] = []
+        self.n_truncated = 0
+        for entry in self.data:
+            prompt = style.format(entry)
+            ids = tokenizer.encode(prompt + style.response_text(entry))
+            prompt_len = _common_prefix_length(ids, tokenizer.encode(prompt))
+            if allowed_max_length is not None and len(ids) > allowed_max_length:
+                ids = ids[:allowed_max_length]
+                prompt_len = min(prompt_len, allowed_max_length)
+                self.n_truncated += 1
+            self.encoded_texts.append(ids)
+            self.prompt_lengths.append(prompt_len)
+        if self.n_truncated:
+            log.warning("%d of %d instruction examples are longer than %d tokens and were truncated",
+                        self.n_truncated, len(self.data), allowed_max_length)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.encoded_texts[index], "prompt_len": self.prompt_lengths[index]}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def collate_instruction(batch: Sequence[Sequence[int] | Mapping[str, Any]], pad_token_id: int,
+                        ignore_index: int = -100, allowed_max_length: int | None = None,
+                        mask_prompt: bool = False, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The book's `custom_collate_fn`: ``{"input_ids": (B, T), "targets": (B, T)}``.
+
+    Every item gets one end-of-text (pad) token and is padded to the longest item + 1; inputs
+    drop the last position, targets the first (next-token prediction). In the targets the first
+    pad (the end-of-text the model must learn to emit) is kept and the other pads become
+    `ignore_index`, so the loss skips them. `mask_prompt` also ignores the targets that predict
+    prompt tokens (exercise 7.2); it needs the dataset's ``{"input_ids", "prompt_len"}`` items.
+    Items may also be plain token lists, as in the book.
+    """
+    batch_max_length = max(len(_ids(item)) + 1 for item in batch)
+    inputs_lst, targets_lst = [], []
+    for item in batch:
+        new_item = list(_ids(item)) + [pad_token_id]
+        padded = new_item + [pad_token_id] * (batch_max_length - len(new_item))
+        inputs = torch.tensor(padded[:-1])
+        targets = torch.tensor(padded[1:])
+        mask = targets == pad_token_id
+        indices = torch.nonzero(mask).squeeze()
+        if indices.numel() > 1:
+            targets[indices[1:]] = ignore_index
+        if mask_prompt:
+            if not isinstance(item, Mapping):
+                raise ValueError("mask_prompt needs items with a 'prompt_len' (InstructionDataset items)")
+            targets[:max(item["prompt_len"] - 1, 0)] = ignore_index
+        if allowed_max_length is not None:
+            inputs = inputs[:allowed_max_length]
+            targets = targets[:allowed_max_length]
+        inputs_lst.append(inputs)
+        targets_lst.append(targets)
+    return {"input_ids": torch.stack(inputs_lst).to(device),
+            "targets": torch.stack(targets_lst).to(device)}
+
+
+def _ids(item: Sequence[int] | Mapping[str, Any]) -> Sequence[int]:
+    return item["input_ids"] if isinstance(item, Mapping) else item
