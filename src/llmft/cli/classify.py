@@ -28,11 +28,13 @@ def classify() -> None:
 @click.option("--train-frac", default=0.7, type=float)
 @click.option("--val-frac", default=0.1, type=float)
 @click.option("--max-length", default=None, type=int, help="Tokens per text (default: longest training text).")
-@click.option("--token", "pooling", default="last", type=click.Choice(list(POOLINGS)),
+@click.option("--class-token", "pooling", default="last", type=click.Choice(list(POOLINGS)),
               help="Which hidden state the head reads.")
 @click.option("--trainable", default="last-block", type=click.Choice(list(TRAINABLE_POLICIES)))
 @click.option("--random-init", is_flag=True, help="Random weights instead of pretrained (tests, benchmarks).")
 @click.option("--book-compat", is_flag=True, help="The book's computation: fixed padding, token at -1.")
+@click.option("--activation-cache/--no-activation-cache", default=True,
+              help="Compute the frozen layers once per example (automatic when exact).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @train_options(epochs=5, eval_freq=50, eval_iter=5)
 def train_cmd(**kwargs) -> None:

@@ -21,6 +21,7 @@ from llmft.data.classification import (
 from llmft.data.sources import read_labelled_texts, resolve_data
 from llmft.errors import LlmftError
 from llmft.plots import plot_values
+from llmft.training.activation_cache import cache_start, cached_loaders
 from llmft.rundir import atomic_write_json, check_new_run_dir, staged_run_dir
 from llmft.training.freezing import apply_trainable, count_parameters
 from llmft.training.heads import SequenceClassifier, get_pooling
@@ -48,7 +49,8 @@ class ClassifyOptions:
     pooling: str = "last"
     trainable: str = "last-block"
     random_init: bool = False
-    book_compat: bool = False  # the book's computation: pad all to max_length, token at -1
+    book_compat: bool = False  # the book's computation: pad all to max_length, token at -1, no cache
+    activation_cache: bool = True  # reuse the frozen prefix's outputs when that is exact
     overwrite: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -59,12 +61,14 @@ class ClassificationTask:
     seen_unit = "examples"
 
     def __init__(self, train_batches: DataLoader, val_batches: DataLoader, eval_iter: int,
-                 device: torch.device) -> None:
+                 device: torch.device, cache_start: int = 0) -> None:
         self.train_batches, self.val_batches = train_batches, val_batches
         self.eval_iter, self.device = eval_iter, device
+        self.cache_start = cache_start  # batches hold the input of this block when > 0
 
-    @staticmethod
-    def logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    def logits(self, model: SequenceClassifier, batch: Batch) -> torch.Tensor:
+        if self.cache_start:
+            return model.forward_from(batch["hidden"], batch["lengths"], self.cache_start)
         return model(batch["input_ids"], batch["lengths"])
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -157,7 +161,10 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
              ", ".join(f"{n} {len(e)} {class_counts(e)}" for n, e in splits.items()), labels, max_length)
     log.info("trainable parameters: %s of %s (%s)", f"{trainable:,}", f"{total:,}", opts.trainable)
     device = resolve_device(opts.train.device)
-    task = ClassificationTask(loaders["train"], loaders["validation"], opts.train.eval_iter, device)
+    start = cache_start(model) if opts.activation_cache and not opts.book_compat else 0
+    if start:
+        loaders = cached_loaders(model, loaders, tokenizer.eos_id, opts.train.seed, device, start)
+    task = ClassificationTask(loaders["train"], loaders["validation"], opts.train.eval_iter, device, start)
 
     with staged_run_dir(opts.out, opts.overwrite) as run_dir:
         for name, examples in splits.items():

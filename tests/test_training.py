@@ -1,0 +1,101 @@
+"""The shared loop and the activation cache, on real SMS data with a tiny random GPT."""
+
+import copy
+
+import pytest
+import torch
+
+from llmft.data.classification import balance, label_names, split
+from llmft.data.sources import read_labelled_texts
+from llmft.models import build_model
+from llmft.pipelines.classification import ClassificationTask, make_loaders
+from llmft.training.activation_cache import cache_start, cached_loaders
+from llmft.training.freezing import apply_trainable
+from llmft.training.heads import SequenceClassifier
+from llmft.training.loop import TrainConfig, lr_at, train
+from tests.conftest import SMS
+
+
+@pytest.fixture(scope="module")
+def sms_splits():
+    examples = balance(read_labelled_texts(SMS), 123)[::6]  # 249 balanced examples
+    return split(examples, (0.7, 0.1), 123)
+
+
+def run(cfg, splits, tokenizer, use_cache, tmp_path=None, policy="last-block", epochs=2):
+    torch.manual_seed(1)
+    model = SequenceClassifier(build_model(cfg), 2)
+    apply_trainable(model.backbone, policy)
+    labels = label_names(splits)
+    loaders = make_loaders(splits, tokenizer, labels, 64, 8, 123, None)
+    start = cache_start(model) if use_cache else 0
+    if start:
+        loaders = cached_loaders(model, loaders, tokenizer.eos_id, 123, torch.device("cpu"), start)
+    task = ClassificationTask(loaders["train"], loaders["validation"], 2, torch.device("cpu"), start)
+    tc = TrainConfig(epochs=epochs, eval_freq=5, eval_iter=2, lr=1e-3, device="cpu")
+    history = train(model, task, loaders["train"], loaders["validation"], tc, tmp_path, show_progress=False)
+    return model, history, start
+
+
+def test_activation_cache_gives_the_same_training(tiny_gpt2_config, sms_splits, gpt2_tokenizer):
+    cfg = tiny_gpt2_config.with_(n_layers=3)
+    plain, h_plain, _ = run(cfg, sms_splits, gpt2_tokenizer, use_cache=False)
+    cached, h_cached, start = run(cfg, sms_splits, gpt2_tokenizer, use_cache=True)
+    assert start == 2
+    assert [r["train_loss"] for r in h_plain.steps] == pytest.approx([r["train_loss"] for r in h_cached.steps], abs=1e-5)
+    assert [e["val_acc"] for e in h_plain.epochs] == [e["val_acc"] for e in h_cached.epochs]
+    for (name, a), b in zip(plain.state_dict().items(), cached.state_dict().values()):
+        if name.endswith("attn.key.bias"):
+            # Softmax ignores a per-query constant, so this gradient is rounding noise that
+            # Adam normalises into full-size steps: it differs between any two summation orders.
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_full_finetuning_learns_spam_and_logs(tiny_gpt2_config, sms_splits, gpt2_tokenizer, tmp_path):
+    model, history, start = run(tiny_gpt2_config, sms_splits, gpt2_tokenizer, True, tmp_path, "all", epochs=3)
+    assert start == 0  # embeddings train: nothing to cache
+    assert history.steps[0]["step"] == 0 and history.steps[1]["step"] == 1  # book: eval after step 0
+    assert history.steps[-1]["train_loss"] < history.steps[0]["train_loss"] - 0.2
+    assert history.epochs[-1]["train_acc"] > 0.7
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert header == "step,epoch,examples_seen,train_loss,val_loss,lr"
+    assert (tmp_path / "epochs.jsonl").read_text().count("\n") == 3
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(100, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(55, 100, cfg) == pytest.approx(0.55)
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(tiny_gpt2_config):
+    """Two accumulated half-batches take the same step as one full batch."""
+    torch.manual_seed(0)
+    base = build_model(tiny_gpt2_config)
+    data = torch.randint(0, 1000, (8, 10))
+
+    class LM:
+        seen_unit = "tokens"
+
+        def loss(self, model, batch):
+            logits = model(batch["x"][:, :-1])
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["x"][:, 1:].flatten())
+
+        def count_seen(self, batch):
+            return batch["x"].numel()
+
+        def on_epoch_end(self, model, epoch):
+            return {}
+
+    results = []
+    for accum, bs in ((1, 8), (2, 4)):
+        model = copy.deepcopy(base)
+        batches = [{"x": data[i:i + bs]} for i in range(0, 8, bs)]
+        train(model, LM(), batches, batches, TrainConfig(epochs=1, grad_accum=accum, lr=1e-2, weight_decay=0,
+                                                         device="cpu"), show_progress=False)
+        results.append(model.state_dict())
+    for k in results[0]:
+        torch.testing.assert_close(results[0][k], results[1][k], atol=1e-5, rtol=1e-4)
