@@ -1,0 +1,168 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmft.errors import LlmftError
+from llmft.generation import attention_mask, generate, generate_tokens, sample_next_token
+from llmft.models import build_model, get_config
+from llmft.tokenizers import GPT2Tokenizer
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CONFIGS = {
+    "gpt2": get_config("gpt2-small").with_(n_layers=2, emb_dim=64, n_heads=4, context_length=128),
+    "llama": get_config("smollm2-135m").with_(n_layers=2, emb_dim=64, n_heads=4, n_kv_heads=2,
+                                              hidden_dim=128, context_length=128, vocab_size=50257),
+}
+PROMPTS = [list(range(100, 117)), [5, 6, 7], [42] * 9, [300, 301, 302, 303, 304, 305, 306]]
+
+
+def chaotic_model(arch, dtype=torch.float64):
+    """A tiny random model whose next token depends on the whole context: untied, larger
+    weights (the default init with tied embeddings mostly repeats the last token, which would
+    hide masking or position mistakes)."""
+    torch.manual_seed(0)
+    model = build_model(CONFIGS[arch].with_(tie_embeddings=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.35)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def model(request):
+    return chaotic_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLMFT_DATA_DIR", str(DATA))
+        return GPT2Tokenizer.default()
+
+
+def test_models_are_context_sensitive(model):
+    """Guards the tests below: padding without a mask must change the result."""
+    ids = torch.tensor([PROMPTS[1]])
+    padded = torch.tensor([[0, 0] + PROMPTS[1]])
+    key_valid = torch.tensor([[False, False, True, True, True]])
+    positions = torch.tensor([[0, 0, 0, 1, 2]])
+    alone = model(ids)[0, -1]
+    masked = model(padded, positions=positions, mask=attention_mask(key_valid, 0, 5))[0, -1]
+    unmasked = model(padded)[0, -1]
+    torch.testing.assert_close(masked, alone)
+    assert (unmasked - alone).abs().max() > 1e-2
+    assert len(set(generate_tokens(model, [PROMPTS[1]], 20)[0])) > 3
+
+
+def test_cached_equals_uncached(model):
+    cached = generate_tokens(model, PROMPTS, 16, use_cache=True)
+    uncached = generate_tokens(model, PROMPTS, 16, use_cache=False)
+    assert cached == uncached
+    assert [len(t) for t in cached] == [16] * 4
+
+
+def test_cached_equals_uncached_float32():
+    model = chaotic_model("llama", torch.float32)
+    assert generate_tokens(model, PROMPTS[:1], 16) == generate_tokens(model, PROMPTS[:1], 16, use_cache=False)
+
+
+def test_batched_equals_one_at_a_time(model):
+    alone = [generate_tokens(model, [p], 16)[0] for p in PROMPTS]
+    assert generate_tokens(model, PROMPTS, 16) == alone
+    assert generate_tokens(model, PROMPTS, 16, use_cache=False) == alone
+
+
+def test_finished_rows_leave_the_batch(model):
+    alone = [generate_tokens(model, [p], 16)[0] for p in PROMPTS]
+    eos = alone[1][3]  # row 1 stops at its 4th token; the others stop where they meet it, if ever
+    expected = [t[:t.index(eos)] if eos in t else t for t in alone]
+    for use_cache in (True, False):
+        assert generate_tokens(model, PROMPTS, 16, eos_ids=[eos], use_cache=use_cache) == expected
+
+
+def test_prompt_is_cropped_to_the_context(model):
+    long_prompt = [(7 * i) % 5000 for i in range(300)]
+    new = generate_tokens(model, [long_prompt], 28)
+    assert new == generate_tokens(model, [long_prompt[-100:]], 28)
+    assert generate_tokens(model, [long_prompt, PROMPTS[0]], 28)[0] == new[0]
+    with pytest.raises(LlmftError, match="max_new_tokens=128 leaves no room"):
+        generate_tokens(model, [long_prompt], 128)
+
+
+def test_top_k_1_sampling_equals_greedy(model):
+    greedy = generate_tokens(model, PROMPTS, 15)
+    gen = torch.Generator().manual_seed(1)
+    assert generate_tokens(model, PROMPTS, 15, temperature=1.5, top_k=1, generator=gen) == greedy
+    gen = torch.Generator().manual_seed(1)
+    assert generate_tokens(model, PROMPTS, 15, temperature=1.5, top_p=1e-9, generator=gen) == greedy
+
+
+def test_text_generation_seeds_and_order(model, tokenizer):
+    prompts = ["Every effort moves you", "Hello", "The capital of France is a city that"]
+    kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, batch_size=2)
+    a = generate(model, tokenizer, prompts, seed=123, **kwargs)
+    assert a == generate(model, tokenizer, prompts, seed=123, **kwargs)
+    assert a != generate(model, tokenizer, prompts, seed=124, **kwargs)
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=2)
+    assert greedy == [generate(model, tokenizer, [p], max_new_tokens=12)[0] for p in prompts]
+    ids = [tokenizer.encode(p) for p in prompts]
+    assert generate(model, tokenizer, ids, max_new_tokens=12) == greedy
+
+
+def test_stop_strings_cut_and_stop(model, tokenizer):
+    prompt = "Every effort moves you"
+    full_tokens = generate_tokens(model, [tokenizer.encode(prompt)], 30)[0]
+    full = tokenizer.decode(full_tokens)
+    assert full == generate(model, tokenizer, [prompt], max_new_tokens=30)[0]
+    stop = tokenizer.decode(full_tokens[8:10])
+    expected = full[:full.index(stop)]
+    assert generate(model, tokenizer, [prompt], max_new_tokens=30, stop_strings=["\x00never", stop]) == [expected]
+
+    seen = []
+
+    def is_done(tokens):
+        seen.append(len(tokens))
+        return stop in tokenizer.decode(tokens)
+
+    generate_tokens(model, [tokenizer.encode(prompt)], 30, is_done=is_done)
+    assert max(seen) <= 10  # generation ended once the stop string was complete
+
+
+def test_eos_id_default_and_lists(model, tokenizer):
+    prompt = tokenizer.encode("Every effort moves you")
+    tokens = generate_tokens(model, [prompt], 20)[0]
+    eos = tokens[5]
+    expected = tokenizer.decode(tokens[:tokens.index(eos)])
+    assert generate(model, tokenizer, [prompt], max_new_tokens=20, eos_id=eos) == [expected]
+    assert generate(model, tokenizer, [prompt], max_new_tokens=20, eos_id=[50256, eos]) == [expected]
+
+
+def test_model_state_is_restored(model, tokenizer):
+    model.train()
+    try:
+        generate(model, tokenizer, ["Hi"], max_new_tokens=3)
+        assert model.training
+        assert all(b.attn.kv_cache is None for b in model.blocks)
+    finally:
+        model.eval()
+
+
+def test_bad_arguments(model, tokenizer):
+    with pytest.raises(LlmftError, match="sampling settings"):
+        generate(model, tokenizer, ["Hi"], temperature=-1)
+    with pytest.raises(LlmftError, match="empty prompt"):
+        generate(model, tokenizer, [""], max_new_tokens=3)
+    assert generate_tokens(model, [[1, 2]], 0) == [[]]
+
+
+def test_sample_next_token_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample_next_token(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    assert set(sample_next_token(logits, 1.0, top_p=0.7, generator=gen).tolist()) == {0, 1}
+    assert set(sample_next_token(logits, 1.0, top_p=0.81, generator=gen).tolist()) == {0, 1, 2}
+    counts = torch.bincount(sample_next_token(logits, 1.0, generator=gen), minlength=4) / 2000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
+    assert sample_next_token(logits[:1], 0.0).tolist() == [0]
