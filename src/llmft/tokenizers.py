@@ -78,65 +78,6 @@ class GPT2Tokenizer:
                  for n in cls.FILES]
         return cls(*files)
 
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-    def save(self, folder: Path) -> None: ...
-
-
-class GPT2Tokenizer:
-    """GPT-2's byte-level BPE through tiktoken, built from `encoder.json` + `vocab.bpe`
-    (HF checkpoints call the same files `vocab.json` + `merges.txt`)."""
-
-    kind = "gpt2-bpe"
-    chat_template = None
-    FILES = ("encoder.json", "vocab.bpe")
-
-    def __init__(self, encoder_json: Path, vocab_bpe: Path) -> None:
-        self.files = (Path(encoder_json), Path(vocab_bpe))
-        for f in self.files:
-            if not f.is_file():
-                raise LlmftError(f"{f}: GPT-2 tokenizer file not found")
-        try:
-            ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_bpe), str(encoder_json))
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            raise LlmftError(f"{vocab_bpe}: not a GPT-2 BPE vocabulary ({e})") from None
-        self._enc = tiktoken.Encoding(
-            name="gpt2",
-            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-            mergeable_ranks=ranks,
-            special_tokens={"<|endoftext|>": len(ranks)},
-        )
-        self.eos_id = self._enc.eot_token
-        self.vocab_size = self._enc.n_vocab
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> GPT2Tokenizer:
-        for names in (cls.FILES, ("vocab.json", "merges.txt")):
-            if all((folder / n).is_file() for n in names):
-                return cls(folder / names[0], folder / names[1])
-        raise LlmftError(f"{folder}: no GPT-2 tokenizer files (encoder.json + vocab.bpe)")
-
-    @classmethod
-    def default(cls) -> GPT2Tokenizer:
-        """The local copy of OpenAI's files if one exists, else tiktoken's download cache."""
-        files = [find_local(f"gpt2-tokenizer/{n}") for n in cls.FILES]
-        if all(files):
-            return cls(*files)
-        try:
-            from tiktoken.load import read_file_cached  # downloads once, then caches
-
-            base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-            cached = []
-            for name in cls.FILES:
-                data = read_file_cached(base + name)
-                cached.append(data)
-        except Exception as e:  # network errors come in many types
-            raise LlmftError(f"GPT-2 tokenizer files unavailable offline and download failed ({e})") from None
-        tmp = Path(tiktoken.load.__file__).parent  # never used: read_file_cached keeps its own cache
-        del tmp
-        raise LlmftError("GPT-2 tokenizer: set LLMFT_DATA_DIR to a folder with gpt2-tokenizer/")
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, allowed_special={"<|endoftext|>"})

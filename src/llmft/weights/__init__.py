@@ -172,14 +172,21 @@ def _from_path(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeni
     raise LlmftError(f"{path}: no such model folder or .gguf file")
 
 
-def load_pretrained(spec: str, *, random_init: bool = False,
+def load_pretrained(spec: str, *, random_init: bool = False, overrides: dict[str, Any] | None = None,
                     dtype: torch.dtype | str | None = None) -> Pretrained:
-    """The model, tokenizer and config named by `spec`, in eval mode and `dtype` (float32)."""
+    """The model, tokenizer and config named by `spec`, in eval mode and `dtype` (float32).
+
+    `overrides` change a registry config before a random-init build (smaller test and
+    benchmark models with the real vocabulary and tokenizer).
+    """
     start = time.perf_counter()
     torch_dtype = _as_dtype(dtype)
+    if overrides and not random_init:
+        raise LlmftError("config overrides need random_init: pretrained weights fix the shape")
     if spec in MODEL_CONFIGS or not _looks_like_path(spec):
         cfg = get_config(spec)  # unknown names fail here, listing the registry
         if random_init:
+            cfg = cfg.with_(**overrides) if overrides else cfg
             state, tokenizer, source = None, _random_tokenizer(cfg), "random"
         else:
             cfg, state, tokenizer, source = _from_registry(cfg)
