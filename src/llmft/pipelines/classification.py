@@ -49,6 +49,7 @@ class ClassifyOptions:
     pooling: str = "last"
     trainable: str = "last-block"
     random_init: bool = False
+    config_overrides: dict[str, Any] = field(default_factory=dict)  # random-init shape changes
     book_compat: bool = False  # the book's computation: pad all to max_length, token at -1, no cache
     activation_cache: bool = True  # reuse the frozen prefix's outputs when that is exact
     overwrite: bool = False
@@ -146,7 +147,7 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
     seed_everything(opts.train.seed)
     splits = load_splits(opts)
     labels = label_names(splits)
-    pretrained = load_pretrained(opts.model, random_init=opts.random_init)
+    pretrained = load_pretrained(opts.model, random_init=opts.random_init, overrides=opts.config_overrides)
     tokenizer, context = pretrained.tokenizer, pretrained.config.context_length
     if opts.max_length is not None and opts.max_length > context:
         raise LlmftError(f"--max-length {opts.max_length} exceeds the model's context of {context} tokens")

@@ -1,0 +1,105 @@
+"""End to end: train a tiny random GPT-2 on the real SMS data, save, reload, predict; and the
+CLI's one-line errors with exit code 2 and no partial run directory."""
+
+import json
+
+import pytest
+import torch
+
+from llmft.cli import main
+from llmft.pipelines.classification import ClassifyOptions, evaluate_run, predict, train_classifier
+from llmft.training.loop import TrainConfig
+from tests.conftest import SMS
+
+TINY = {"n_layers": 2, "emb_dim": 64, "n_heads": 4, "context_length": 256}
+
+
+@pytest.fixture(scope="module")
+def spam_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "spam"
+    opts = ClassifyOptions(model="gpt2-small", data=str(SMS), out=out, random_init=True, config_overrides=TINY,
+                           trainable="all", train=TrainConfig(epochs=3, lr=1e-3, eval_freq=50, device="cpu"))
+    return out, train_classifier(opts)
+
+
+def test_learns_spam_well_above_majority(spam_run):
+    out, results = spam_run
+    # balanced classes: the majority baseline is 50%; 390 steps of a tiny random model get far past it
+    assert results["validation_accuracy"] > 0.85
+    assert results["test_accuracy"] > 0.85
+    for name in ("run.json", "model.safetensors", "tokenizer/tokenizer_spec.json", "train.csv", "validation.csv",
+                 "test.csv", "metrics.csv", "epochs.csv", "results.json", "loss.png", "loss.pdf",
+                 "accuracy.png", "accuracy.pdf"):
+        assert (out / name).is_file(), name
+    assert len((out / "test.csv").read_text().splitlines()) == 301  # header + 300 (book split)
+    assert json.loads((out / "run.json").read_text())["labels"] == ["ham", "spam"]
+    assert not list(out.parent.glob(".*staging*"))
+
+
+def test_reload_evaluates_and_predicts(spam_run):
+    out, results = spam_run
+    again = evaluate_run(out, device="cpu")
+    assert again["test_accuracy"] == pytest.approx(results["test_accuracy"])
+    labels = predict(out, ["WINNER!! You have won a £1000 prize. Call 09061701461 to claim now",
+                           "Ok, see you at home later"], device="cpu")
+    assert [label for label, _ in labels] == ["spam", "ham"]
+    assert all(0.5 < p <= 1 for _, p in labels)
+
+
+def test_cli_predict_and_eval(spam_run, capsys):
+    out, _ = spam_run
+    assert main(["classify", "predict", str(out), "Free entry! Txt WIN to 80086 now"]) == 0
+    assert capsys.readouterr().out.startswith("spam\t")
+    assert main(["classify", "eval", str(out)]) == 0
+    assert "Test accuracy:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "missing.tsv"], "missing.tsv: data file not found"),
+    (["--max-length", "5000"], "--max-length 5000 exceeds the model's context of 1024"),
+])
+def test_cli_errors_exit_2_without_leftovers(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    code = main(["classify", "train", "--model", "gpt2-small", "--random-init", "--data", str(SMS),
+                 "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_refuses_existing_run_dir(spam_run, capsys):
+    out, _ = spam_run
+    assert main(["classify", "train", "--data", str(SMS), "--out", str(out)]) == 2
+    assert "already exists (pass --overwrite" in capsys.readouterr().err
+
+
+def test_unseen_label_and_one_class(tmp_path, capsys):
+    train = tmp_path / "t.csv"
+    train.write_text("text,label\na,x\nb,y\n")
+    val = tmp_path / "v.csv"
+    val.write_text("text,label\nc,z\n")
+    code = main(["classify", "train", "--random-init", "--data", str(train), "--validation-data", str(val),
+                 "--test-data", str(val), "--out", str(tmp_path / "r")])
+    assert code == 2 and "validation data has label(s) 'z' never seen in training" in capsys.readouterr().err
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\na,x\nb,x\n")
+    assert main(["classify", "train", "--random-init", "--data", str(one), "--out", str(tmp_path / "r")]) == 2
+    assert "only one class" in capsys.readouterr().err
+
+
+def test_offline_pretrained_gpt2_says_so(tmp_path, capsys):
+    code = main(["classify", "train", "--model", "gpt2-small", "--data", str(SMS), "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "unreachable" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_predict_matches_training_forward(spam_run):
+    from llmft.checkpoint import load_finetuned
+
+    out, _ = spam_run
+    model, tokenizer, meta = load_finetuned(out)
+    ids = torch.tensor([tokenizer.encode("hello there")])
+    torch.testing.assert_close(model(ids, torch.tensor([ids.shape[1]])).softmax(-1).max(),
+                               torch.tensor(predict(out, ["hello there"], device="cpu")[0][1]))
