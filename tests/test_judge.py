@@ -17,6 +17,7 @@ from llmft.evaluation.judge import (
     parse_score,
 )
 from llmft.models import build_model, get_config
+from llmft.prompts import get_prompt_style
 from llmft.tokenizers import GPT2Tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -133,14 +134,14 @@ def test_openai_judge(serve):
     assert request["headers"]["Authorization"] == "Bearer sk-test"
 
 
-def test_judge_responses_scores_saves_and_summarises(serve, tmp_path, capsys):
+def test_judge_responses_scores_saves_and_summarises(serve, tmp_path):
     replies = iter(["85", "I'd give it 40.", "no idea"])
     server = serve(lambda path, body: ollama_stream(next(replies)))
     out = tmp_path / "sub" / "scores.json"
     report = judge_responses(ENTRIES, OllamaJudge("llama3", server.url), out)
     assert report.scores == [85, 40, None]
-    assert report.average == 62.5
-    assert capsys.readouterr().out == "Number of scores: 2 of 3\nAverage score: 62.50\n"
+    assert (report.n_scored, report.n_total, report.average) == (2, 3, 62.5)
+    assert report.summary() == "Number of scores: 2 of 3\nAverage score: 62.50"
     saved = json.loads(out.read_text())
     assert saved["judge"] == "ollama:llama3" and saved["n_entries"] == 3
     assert [(r["index"], r["score"], r["reply"]) for r in saved["entries"]] == [
@@ -213,8 +214,10 @@ def test_parse_judge_spec():
         with pytest.raises(LlmftError, match=message):
             parse_judge_spec(bad)
     loaded = []
-    judge = parse_judge_spec("local:/runs/a", load_local=lambda p: loaded.append(p) or ("m", "t"))
-    assert loaded == [Path("/runs/a")] and isinstance(judge, LocalJudge) and judge.name == "local:/runs/a"
+    style = get_prompt_style("phi3")
+    judge = parse_judge_spec("local:/runs/a", load_local=lambda p: loaded.append(p) or ("m", "t", style))
+    assert loaded == ["/runs/a"] and isinstance(judge, LocalJudge) and judge.name == "local:/runs/a"
+    assert judge.style is style
 
 
 def test_local_judge_generates_greedily():

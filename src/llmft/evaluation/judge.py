@@ -184,13 +184,21 @@ class JudgeReport:
         return [s for s in self.scores if s is not None]
 
     @property
+    def n_scored(self) -> int:
+        return len(self.valid)
+
+    @property
+    def n_total(self) -> int:
+        return len(self.scores)
+
+    @property
     def average(self) -> float | None:
-        return sum(self.valid) / len(self.valid) if self.valid else None
+        return sum(self.valid) / self.n_scored if self.valid else None
 
     def summary(self) -> str:
         """The book's two lines: how many scores were obtained, and their mean."""
         average = "n/a" if self.average is None else f"{self.average:.2f}"
-        return f"Number of scores: {len(self.valid)} of {len(self.scores)}\nAverage score: {average}"
+        return f"Number of scores: {self.n_scored} of {self.n_total}\nAverage score: {average}"
 
 
 def _fingerprint(judge_name: str, prompt: str) -> str:
@@ -209,7 +217,8 @@ def _load_previous(out_path: Path) -> dict[str, dict]:
 
 def judge_responses(entries: Sequence[Mapping[str, Any]], judge: Judge, out_path: str | Path,
                     progress: bool = True, response_key: str = "model_response") -> JudgeReport:
-    """Score every entry's `response_key` with `judge`, saving to `out_path` (JSON) after each.
+    """Score every entry's `response_key` with `judge`, saving to `out_path` (JSON) after each;
+    `report.summary()` gives the book's "Number of scores: N of M" and average lines.
 
     Entries already scored in `out_path` by the same judge (same prompt) are not asked again,
     so an interrupted run resumes. When the judge fails (server down, garbage reply), the
@@ -248,18 +257,15 @@ def judge_responses(entries: Sequence[Mapping[str, Any]], judge: Judge, out_path
         save()
         bar.update(1)
     bar.close()
-    report = JudgeReport([r["score"] for r in records], out_path)
-    if progress:
-        print(report.summary())
-    return report
+    return JudgeReport([r["score"] for r in records], out_path)
 
 
 def parse_judge_spec(spec: str, url: str | None = None,
-                     load_local: Callable[[Path], tuple[Any, Any]] | None = None) -> Judge:
-    """A judge from ``ollama:MODEL``, ``openai:MODEL`` or ``local:PATH``.
+                     load_local: Callable[[str], tuple[Any, Any, PromptStyle]] | None = None) -> Judge:
+    """A judge from ``ollama:MODEL``, ``openai:MODEL`` or ``local:RUN_OR_MODEL``.
 
-    `url` overrides the server address. ``local:`` needs `load_local(path) -> (model,
-    tokenizer)`, the caller's way of loading a model (a run directory, a checkpoint).
+    `url` overrides the server address. ``local:`` needs `load_local(target) -> (model,
+    tokenizer, prompt_style)`, the caller's way of loading a run directory or a model.
     """
     kind, _, target = spec.partition(":")
     if not target:
@@ -271,7 +277,7 @@ def parse_judge_spec(spec: str, url: str | None = None,
     if kind == "local":
         if load_local is None:
             raise LlmftError(f"judge {spec!r}: local judges are not available here")
-        model, tokenizer = load_local(Path(target))
-        return LocalJudge(model, tokenizer, name=f"local:{target}")
+        model, tokenizer, style = load_local(target)
+        return LocalJudge(model, tokenizer, style, name=f"local:{target}")
     raise LlmftError(f"judge {spec!r}: unknown kind {kind!r}; expected ollama:MODEL, openai:MODEL "
                      f"or local:PATH")
