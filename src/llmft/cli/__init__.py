@@ -11,6 +11,8 @@ import sys
 import click
 
 from llmft.cli.classify import classify
+from llmft.cli.instruct import generate, instruct
+from llmft.cli.merge import merge
 from llmft.errors import LlmftError
 
 
@@ -22,6 +24,9 @@ def cli(quiet: bool) -> None:
 
 
 cli.add_command(classify)
+cli.add_command(instruct)
+cli.add_command(generate)
+cli.add_command(merge)
 
 
 def main(argv: list[str] | None = None) -> int:

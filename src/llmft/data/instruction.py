@@ -16,17 +16,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from llmft.download import download
+from llmft.data.sources import resolve_data
 from llmft.errors import LlmftError
-from llmft.paths import find_local
 from llmft.prompts import PromptStyle, get_prompt_style
 
 log = logging.getLogger(__name__)
 
 INSTRUCTION_DATA_NAME = "instruction-data"
-INSTRUCTION_DATA_FILE = "instruction-data/instruction-data.json"
-INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
-                        "01_main-chapter-code/instruction-data.json")
 
 
 def _parse_records(path: Path, text: str) -> list[tuple[Any, str]]:
@@ -55,13 +51,10 @@ def load_instruction_data(path_or_name: str | Path, instruction_key: str = "inst
 
     `path_or_name` is ``instruction-data`` (the book's 1,100 examples: a local copy when one
     exists, else downloaded once) or a file: a JSON list of objects, or JSON Lines. The three
-    keys can be renamed for other data sets; ``input_key=None`` for data without an input field.
+    keys can be renamed for other data sets; the input is optional (missing means empty).
     Other fields of an entry are kept. Entries are numbered from 0 in error messages.
     """
-    if str(path_or_name) == INSTRUCTION_DATA_NAME:
-        path = find_local(INSTRUCTION_DATA_FILE) or download(INSTRUCTION_DATA_URL, INSTRUCTION_DATA_FILE)
-    else:
-        path = Path(path_or_name)
+    path = resolve_data(str(path_or_name)) if str(path_or_name) == INSTRUCTION_DATA_NAME else Path(path_or_name)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -77,7 +70,7 @@ def load_instruction_data(path_or_name: str | Path, instruction_key: str = "inst
             raise LlmftError(f"{path}: {where}: expected an object, got {type(obj).__name__}")
         entry = dict(obj)
         for field, key in keys.items():
-            if key is None:
+            if field == "input" and (key is None or key not in obj):
                 entry[field] = ""
                 continue
             if key not in obj:

@@ -1,0 +1,107 @@
+"""`llmft instruct train | respond | judge` and `llmft generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from llmft.cli.options import train_options, train_config
+
+
+@click.group()
+def instruct() -> None:
+    """Instruction fine-tuning, answering and scoring (book chapter 7)."""
+
+
+@instruct.command("train")
+@click.option("--model", default="gpt2-medium", help="Registry name, HF folder or .gguf file.")
+@click.option("--data", default="instruction-data", help="Data set name, or a JSON list / JSONL file.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
+@click.option("--prompt-style", default=None, help="alpaca, phi3, chatml, chat-template (default: the "
+              "model's chat template, else alpaca).")
+@click.option("--instruction-key", default="instruction")
+@click.option("--input-key", default="input")
+@click.option("--output-key", default="output")
+@click.option("--shuffle-split/--book-split", default=True, help="Seeded shuffle before the 85/10/5 split, "
+              "or the book's split of the file in order.")
+@click.option("--mask-prompt", is_flag=True, help="No loss on instruction and input tokens (exercise 7.2).")
+@click.option("--max-length", type=int, default=None, help="Truncate examples (default: the model's context).")
+@click.option("--random-init", is_flag=True, help="Random weights instead of pretrained (tests, benchmarks).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@train_options(epochs=2, eval_freq=5, eval_iter=5)
+def train_cmd(**kwargs) -> None:
+    """Fine-tune a model to follow instructions."""
+    from llmft.pipelines.instruction import InstructOptions, train_instructions
+
+    cfg = train_config(kwargs)
+    results = train_instructions(InstructOptions(**kwargs, train=cfg))
+    click.echo(f"validation loss: {results['initial_val_loss']:.3f} -> {results['final_val_loss']:.3f}")
+    click.echo(f"run saved to {kwargs['out']}")
+
+
+@instruct.command("respond")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--split", default="test", help="train, validation or test split of the run.")
+@click.option("--data", default=None, help="Answer this JSON/JSONL file instead of a split.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: RUN/SPLIT-responses.json")
+@click.option("--max-new-tokens", default=256)
+@click.option("--batch-size", default=8)
+@click.option("--device", default="auto")
+def respond_cmd(run_dir: Path, split: str, data: str | None, out: Path | None, max_new_tokens: int,
+                batch_size: int, device: str) -> None:
+    """Answer every entry; rerunning continues where it stopped."""
+    from llmft.pipelines.instruction import reference_scores, respond
+
+    path = respond(run_dir, split, data, out, max_new_tokens, batch_size, device)
+    click.echo(f"responses saved to {path}")
+    print_reference_scores(reference_scores(path))
+
+
+def print_reference_scores(scores: dict) -> None:
+    click.echo(f"exact match: {scores['exact_match'] * 100:.2f}%  ROUGE-L F1: {scores['rouge_l_f1'] * 100:.2f}"
+               f"  ({scores['n']} entries)")
+
+
+@instruct.command("judge")
+@click.argument("responses", type=click.Path(path_type=Path))
+@click.option("--judge", "judge_spec", default="ollama:llama3",
+              help="ollama:MODEL, openai:MODEL or local:RUN_OR_MODEL.")
+@click.option("--judge-url", default=None, help="Server URL (default: Ollama's http://localhost:11434).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: RESPONSES with -scores.json")
+def judge_cmd(responses: Path, judge_spec: str, judge_url: str | None, out: Path | None) -> None:
+    """Score each response 0-100 against the reference with a judge model (the book's prompt)."""
+    from llmft.evaluation.judge import judge_responses, parse_judge_spec
+    from llmft.pipelines.instruction import load_chat_model, reference_scores
+    from llmft.rundir import read_json
+
+    out = out or responses.with_name(responses.stem + "-scores.json")
+    judge = parse_judge_spec(judge_spec, judge_url, load_local=load_chat_model)
+    click.echo(judge_responses(read_json(responses), judge, out).summary())
+    print_reference_scores(reference_scores(responses))
+    click.echo(f"scores saved to {out}")
+
+
+@click.command()
+@click.argument("args", nargs=-1, required=True)
+@click.option("--model", default=None, help="Chat with this model (registry name or path) instead of a run.")
+@click.option("--max-new-tokens", default=256)
+@click.option("--temperature", default=0.0, help="0: greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default="auto")
+def generate(args: tuple[str, ...], model: str | None, max_new_tokens: int, temperature: float,
+             top_k: int | None, top_p: float | None, seed: int | None, device: str) -> None:
+    """Answer prompts: `llmft generate RUN PROMPT...` or `llmft generate --model NAME PROMPT...`."""
+    from llmft.errors import LlmftError
+    from llmft.pipelines.instruction import answer, load_chat_model
+
+    source, prompts = (model, list(args)) if model else (args[0], list(args[1:]))
+    if not prompts:
+        raise LlmftError("no prompt given: llmft generate RUN PROMPT... or --model NAME PROMPT...")
+    lm, tokenizer, style = load_chat_model(source, device)
+    entries = [{"instruction": p, "input": ""} for p in prompts]
+    for text in answer(lm, tokenizer, style, entries, max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed):
+        click.echo(text)
