@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset
 
 from llmft.data.classification import ClassificationDataset, collate_classification
@@ -61,7 +62,8 @@ class CachedActivations(Dataset):
         was_training = backbone.training
         backbone.eval()
         order = sorted(range(len(data)), key=lambda i: len(data.token_ids[i]))  # little padding
-        for s in range(0, len(order), batch_size):
+        for s in tqdm(range(0, len(order), batch_size), desc=f"cache blocks 0-{self.start - 1}", unit="batch",
+                      leave=False):
             rows = order[s:s + batch_size]
             batch = collate_classification([(data.token_ids[i], 0) for i in rows], pad_id)
             ids = batch["input_ids"].to(device)
