@@ -201,3 +201,174 @@ def test_adapter_onto_a_base_of_other_shape(tiny_gpt2_config):
         load_lora_state_dict(build_model(tiny_gpt2_config), lora_state_dict(model))
     with pytest.raises(LlmftError, match="already has LoRA layers"):
         apply_lora(model, LoRAConfig())
+
+
+# -- LoRA runs: save, load, predict, merge -------------------------------------------------------
+
+@pytest.fixture
+def hf_base(tmp_path, tiny_gpt2_config, gpt2_tokenizer):
+    """A tiny random GPT-2 as a Hugging Face folder: a 'pretrained' base found by its path."""
+    from llmft.weights import export_hf
+
+    torch.manual_seed(3)
+    folder = tmp_path / "tiny-gpt2-hf"
+    export_hf(build_model(tiny_gpt2_config), folder)
+    gpt2_tokenizer.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sms_slice(tmp_path_factory):
+    """About 120 balanced SMS messages in the collection's own `label<TAB>text` format."""
+    from llmft.data.classification import balance
+    from llmft.data.sources import read_labelled_texts
+    from tests.conftest import SMS
+
+    path = tmp_path_factory.mktemp("data") / "sms.tsv"
+    path.write_text("".join(f"{label}\t{text}\n" for text, label in balance(read_labelled_texts(SMS), 123)[::12]))
+    return path
+
+
+TEXTS = ["You have won a free prize! Call now to claim", "See you at lunch tomorrow?", "URGENT reply STOP"]
+
+
+def classifier_logits(model, tokenizer, texts=TEXTS):
+    from llmft.data.classification import collate_classification
+
+    batch = collate_classification([(tokenizer.encode(t), 0) for t in texts], tokenizer.eos_id)
+    with torch.no_grad():
+        return model.eval()(batch["input_ids"], batch["lengths"])
+
+
+def train_lora_classifier(monkeypatch, out, sms_slice, tiny_gpt2_config, base, **lora):
+    """`train_classifier` with LoRA for a few steps; returns the trained in-memory model too."""
+    from llmft.pipelines import classification
+    from llmft.training.loop import TrainConfig
+
+    saved = {}
+
+    def capture(run_dir, model, tokenizer, meta):
+        saved["model"] = model
+        return classification_save(run_dir, model, tokenizer, meta)
+
+    classification_save = classification.save_finetuned
+    monkeypatch.setattr(classification, "save_finetuned", capture)
+    if base == "random":
+        model, init = "gpt2-small", dict(random_init=True, config_overrides={
+            k: getattr(tiny_gpt2_config, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")})
+    else:
+        model, init = str(base), {}
+    opts = classification.ClassifyOptions(
+        model=model, data=str(sms_slice), out=out, max_length=32, finetune="lora", lora=LoRAConfig(**lora), **init,
+        train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, eval_freq=100, eval_iter=1, device="cpu"))
+    results = classification.train_classifier(opts)
+    return results, saved["model"]
+
+
+@pytest.mark.parametrize("base", ["pretrained", "random"])
+def test_lora_run_reloads_bit_for_bit(base, hf_base, sms_slice, tiny_gpt2_config, gpt2_tokenizer, tmp_path,
+                                      monkeypatch):
+    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_finetuned
+    from llmft.pipelines.classification import predict
+
+    run = tmp_path / "run"
+    results, trained = train_lora_classifier(monkeypatch, run, sms_slice, tiny_gpt2_config,
+                                             hf_base if base == "pretrained" else "random", rank=4, alpha=8)
+    # Book rule: all-linear wraps the new head, which then trains only through its adapter.
+    assert results["trainable_parameters"] == sum(p.numel() for n, p in trained.named_parameters()
+                                                  if n.endswith(("lora.A", "lora.B")))
+    assert (run / ADAPTER_FILE).is_file()
+    assert (run / WEIGHTS_FILE).is_file() == (base == "random")  # random weights cannot be re-created
+    model, tokenizer, meta = load_finetuned(run)
+    assert meta["lora"] == {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]}
+    assert torch.equal(classifier_logits(model, tokenizer), classifier_logits(trained, gpt2_tokenizer))
+    assert [label for label, _ in predict(run, TEXTS, device="cpu")] == \
+        [meta["labels"][i] for i in classifier_logits(trained, gpt2_tokenizer).argmax(-1).tolist()]
+
+
+def test_lora_head_outside_the_targets_trains_fully(hf_base, sms_slice, tiny_gpt2_config, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from llmft.checkpoint import ADAPTER_FILE
+
+    results, trained = train_lora_classifier(monkeypatch, tmp_path / "run", sms_slice, tiny_gpt2_config, hf_base,
+                                             rank=2, targets=("query", "value"))
+    head = trained.backbone.out_head
+    assert type(head) is torch.nn.Linear and head.weight.requires_grad
+    assert results["trainable_parameters"] == 2 * 2 * 2 * (64 + 64) + head.weight.numel() + head.bias.numel()
+    assert set(load_file(tmp_path / "run" / ADAPTER_FILE)) == {
+        *(f"backbone.blocks.{i}.attn.{m}.lora.{ab}" for i in range(2) for m in ("query", "value") for ab in "AB"),
+        "backbone.out_head.weight", "backbone.out_head.bias"}
+
+
+def test_merge_a_classification_run(hf_base, sms_slice, tiny_gpt2_config, gpt2_tokenizer, tmp_path, monkeypatch):
+    from llmft.checkpoint import ADAPTER_FILE, load_finetuned
+    from llmft.cli import main
+
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    _, trained = train_lora_classifier(monkeypatch, run, sms_slice, tiny_gpt2_config, hf_base, rank=4)
+    assert main(["merge", str(run), "--out", str(merged), "--hf"]) == 2  # no HF form for a classifier
+    assert main(["merge", str(run), "--out", str(merged)]) == 0
+    assert not (merged / ADAPTER_FILE).exists() and (merged / "test.csv").is_file()
+    model, tokenizer, meta = load_finetuned(merged)
+    assert "lora" not in meta and not any(isinstance(m, LinearWithLoRA) for m in model.modules())
+    torch.testing.assert_close(classifier_logits(model, tokenizer), classifier_logits(trained, gpt2_tokenizer),
+                               atol=1e-5, rtol=0)
+    assert main(["merge", str(merged), "--out", str(tmp_path / "again")]) == 2  # nothing left to merge
+
+
+def test_language_model_run_merges_into_a_hugging_face_folder(hf_base, gpt2_tokenizer, tmp_path):
+    """Tied GPT-2 with the output head adapted: the run stores only A/B; merging unties the head."""
+    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_finetuned, save_finetuned
+    from llmft.pipelines.merge import merge_run
+    from llmft.weights import load_pretrained
+
+    base = load_pretrained(str(hf_base))
+    model = base.model
+    cfg = LoRAConfig(rank=4, targets=("attn", "head"))
+    apply_lora(model, cfg)
+    randomize_b(model)
+    run = tmp_path / "run"
+    run.mkdir()
+    meta = {"task": "instruction", "model": str(hf_base), "model_config": base.config.to_dict(),
+            "lora": cfg.to_dict()}
+    save_finetuned(run, model, base.tokenizer, meta)
+    assert not (run / WEIGHTS_FILE).exists()
+    assert (run / ADAPTER_FILE).stat().st_size < 1_000_000  # the base model is 13 MB
+    x = tokens()
+    expected = model.eval()(x)
+    loaded, _, _ = load_finetuned(run)
+    assert torch.equal(loaded(x), expected)
+
+    merge_run(run, tmp_path / "merged", hf=True)
+    exported = load_pretrained(str(tmp_path / "merged" / "hf"))
+    assert not exported.config.tie_embeddings
+    assert torch.equal(exported.model.tok_emb.weight, base.model.tok_emb.weight)
+    torch.testing.assert_close(exported.model(x), expected, atol=1e-5, rtol=0)
+    merged, _, _ = load_finetuned(tmp_path / "merged")
+    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=0)
+
+
+def test_adapter_onto_a_changed_base_fails(hf_base, tiny_gpt2_config, gpt2_tokenizer, tmp_path):
+    from llmft.checkpoint import load_finetuned, save_finetuned
+    from llmft.weights import export_hf, load_pretrained
+
+    base = load_pretrained(str(hf_base))
+    apply_lora(base.model, LoRAConfig(rank=4))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_finetuned(run, base.model, base.tokenizer, {"task": "instruction", "model": str(hf_base),
+                                                     "model_config": base.config.to_dict(),
+                                                     "lora": LoRAConfig(rank=4).to_dict()})
+    export_hf(build_model(tiny_gpt2_config.with_(emb_dim=128)), hf_base)  # the base changed since
+    with pytest.raises(LlmftError, match="emb_dim=128, but the run's adapter was trained on a base with emb_dim=64"):
+        load_finetuned(run)
+
+
+def test_cli_rejects_a_bad_rank(hf_base, sms_slice, tmp_path, capsys):
+    from llmft.cli import main
+
+    code = main(["classify", "train", "--model", str(hf_base), "--data", str(sms_slice),
+                 "--out", str(tmp_path / "run"), "--finetune", "lora", "--lora-rank", "0"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "error: --lora-rank must be a positive integer, got 0"

@@ -13,12 +13,19 @@ tests and benchmarks). Rows that finish (end-of-text, a stop id, a stop string) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmft.errors import LlmftError
+
+# cuDNN's attention (PyTorch's first choice for bf16 on recent GPUs) plans each new shape
+# anew, and decoding grows the key length by one every step: measured on an H200, GPT-2 small
+# decoded at 38 ms/token with it and 3.4 ms/token without it.
+DECODE_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -56,6 +63,20 @@ def attention_mask(key_valid: torch.Tensor, q_start: int, q_end: int) -> torch.T
     q = torch.arange(q_start, q_end, device=key_valid.device)[:, None]
     k = torch.arange(S, device=key_valid.device)[None, :]
     return ((key_valid[:, None, :] | (k == q)) & (k <= q)).unsqueeze(1)
+
+
+@contextmanager
+def _decoding(model: Any) -> Iterator[None]:
+    """Eval mode and the decoding attention backends; afterwards the cache is dropped and the
+    model's mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with sdpa_kernel(DECODE_ATTENTION_BACKENDS):
+            yield
+    finally:
+        model.clear_kv_cache()
+        model.train(was_training)
 
 
 def _select_cache_rows(model: Any, keep: torch.Tensor) -> None:
@@ -105,17 +126,16 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens
     out: list[list[int]] = [[] for _ in rows]
     active = list(range(B))  # original row of each batch row
 
-    was_training = model.training
-    model.eval()
-    try:
+    def last_logits(start: int, end: int) -> torch.Tensor:
+        """Run the tokens at slots [start, end) (all of them without a cache); next-token logits."""
+        mask = attention_mask(key_valid[:, :end], start, end) if padded else None
+        return model(seq[:, start:end], positions=positions[:, start:end], mask=mask,
+                     cache_pos=start if use_cache else None)[:, -1]
+
+    with _decoding(model):
         if use_cache:
             model.set_kv_cache(B, total)
-            logits = model(seq, positions=positions[:, :T0],
-                           mask=attention_mask(key_valid[:, :T0], 0, T0) if padded else None,
-                           cache_pos=0)[:, -1]
-        else:
-            logits = model(seq, positions=positions[:, :T0],
-                           mask=attention_mask(key_valid[:, :T0], 0, T0) if padded else None)[:, -1]
+        logits = last_logits(0, T0)  # prefill
         for step in range(max_new_tokens):
             next_ids = sample_next_token(logits, temperature, top_k, top_p, generator)
             keep = []
@@ -135,18 +155,9 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens
                 positions, key_valid = positions[idx], key_valid[idx]
                 if use_cache:
                     _select_cache_rows(model, idx)
-            cur = T0 + step  # the slot of the token just sampled
-            if use_cache:
-                mask = attention_mask(key_valid[:, :cur + 1], cur, cur + 1) if padded else None
-                logits = model(next_ids[:, None], positions=positions[:, cur:cur + 1], mask=mask,
-                               cache_pos=cur)[:, -1]
-            else:
-                seq = torch.cat([seq, next_ids[:, None]], dim=1)
-                mask = attention_mask(key_valid[:, :cur + 1], 0, cur + 1) if padded else None
-                logits = model(seq, positions=positions[:, :cur + 1], mask=mask)[:, -1]
-    finally:
-        model.clear_kv_cache()
-        model.train(was_training)
+            seq = torch.cat([seq, next_ids[:, None]], dim=1)
+            end = T0 + step + 1
+            logits = last_logits(end - 1 if use_cache else 0, end)
     return out
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmft.cli.options import train_config, train_options
+from llmft.cli.options import lora_config, lora_options, train_config, train_options
 from llmft.training.freezing import TRAINABLE_POLICIES
 from llmft.training.heads import POOLINGS
 
@@ -30,7 +30,9 @@ def classify() -> None:
 @click.option("--max-length", default=None, type=int, help="Tokens per text (default: longest training text).")
 @click.option("--class-token", "pooling", default="last", type=click.Choice(list(POOLINGS)),
               help="Which hidden state the head reads.")
-@click.option("--trainable", default="last-block", type=click.Choice(list(TRAINABLE_POLICIES)))
+@click.option("--trainable", default="last-block", type=click.Choice(list(TRAINABLE_POLICIES)),
+              help="Layers trained with --finetune full.")
+@lora_options
 @click.option("--random-init", is_flag=True, help="Random weights instead of pretrained (tests, benchmarks).")
 @click.option("--book-compat", is_flag=True, help="The book's computation: fixed padding, token at -1.")
 @click.option("--activation-cache/--no-activation-cache", default=True,
@@ -41,9 +43,9 @@ def train_cmd(**kwargs) -> None:
     """Fine-tune a classifier and print its accuracies."""
     from llmft.pipelines.classification import ClassifyOptions, train_classifier
 
-    cfg = train_config(kwargs)
+    cfg, lora = train_config(kwargs), lora_config(kwargs)
     kwargs["split"] = (kwargs.pop("train_frac"), kwargs.pop("val_frac"))
-    results = train_classifier(ClassifyOptions(**kwargs, train=cfg))
+    results = train_classifier(ClassifyOptions(**kwargs, lora=lora, train=cfg))
     print_accuracies(results)
     click.echo(f"run saved to {kwargs['out']}")
 

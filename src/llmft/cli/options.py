@@ -7,6 +7,7 @@ from typing import Any, get_type_hints
 
 import click
 
+from llmft.training.lora import FINETUNE_MODES, LoRAConfig
 from llmft.training.loop import TrainConfig
 
 HELP = {
@@ -46,3 +47,27 @@ def train_options(**defaults: Any):
 def train_config(kwargs: dict[str, Any]) -> TrainConfig:
     """Pop the TrainConfig fields out of a command's keyword arguments."""
     return TrainConfig(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def lora_options(command):
+    """--finetune full|lora and the LoRA settings (book appendix E: rank 16, alpha 16, every Linear)."""
+    options = [
+        click.option("--finetune", type=click.Choice(FINETUNE_MODES), default="full", show_default=True,
+                     help="full: train the chosen layers; lora: train low-rank adapters on the frozen model."),
+        click.option("--lora-rank", type=int, default=16, show_default=True, help="LoRA rank r."),
+        click.option("--lora-alpha", type=float, default=16.0, show_default=True,
+                     help="LoRA alpha; the update is scaled by alpha / rank."),
+        click.option("--lora-dropout", type=float, default=0.0, show_default=True, help="Dropout on the LoRA input."),
+        click.option("--lora-targets", default="all-linear", show_default=True,
+                     help="Comma-separated layers to adapt: query, key, value, attn-out, attn, mlp, head, "
+                          "all-linear, or parts of a layer path (mlp.fc, blocks.11)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def lora_config(kwargs: dict[str, Any]) -> LoRAConfig:
+    """Pop the --lora-* options out of a command's keyword arguments."""
+    return LoRAConfig(rank=kwargs.pop("lora_rank"), alpha=kwargs.pop("lora_alpha"),
+                      dropout=kwargs.pop("lora_dropout"), targets=kwargs.pop("lora_targets"))

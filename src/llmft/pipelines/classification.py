@@ -25,6 +25,7 @@ from llmft.training.activation_cache import cache_start, cached_loaders
 from llmft.rundir import atomic_write_json, check_new_run_dir, staged_run_dir
 from llmft.training.freezing import apply_trainable, count_parameters
 from llmft.training.heads import SequenceClassifier, get_pooling
+from llmft.training.lora import LinearWithLoRA, LoRAConfig, apply_lora, check_finetune
 from llmft.training.loop import (
     Batch, TrainConfig, evaluate_loss, resolve_device, seed_everything, to_device, train,
 )
@@ -47,7 +48,9 @@ class ClassifyOptions:
     split: tuple[float, float] = (0.7, 0.1)  # train, validation; test is the rest
     max_length: int | None = None  # default: longest training example, capped at the context
     pooling: str = "last"
-    trainable: str = "last-block"
+    trainable: str = "last-block"  # with finetune="full"
+    finetune: str = "full"  # or "lora": low-rank adapters on the frozen model (book appendix E)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     random_init: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)  # random-init shape changes
     book_compat: bool = False  # the book's computation: pad all to max_length, token at -1, no cache
@@ -141,6 +144,7 @@ def make_loaders(splits: Splits, tokenizer, labels: list[str], max_length: int, 
 def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
     """The whole recipe: data → model surgery → training → final accuracies → run directory."""
     get_pooling(opts.pooling)
+    check_finetune(opts.finetune)
     if opts.book_compat:
         opts.pooling = "last-padded"
     check_new_run_dir(opts.out, opts.overwrite)
@@ -156,11 +160,11 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
                            pad_to=max_length if opts.book_compat else None)
     seed_everything(opts.train.seed)  # the new head's init does not depend on data loading
     model = SequenceClassifier(pretrained.model, len(labels), opts.pooling)
-    apply_trainable(model.backbone, opts.trainable)
+    policy = surgery(model, opts)
     trainable, total = count_parameters(model)
     log.info("data: %s | labels %s | max length %d tokens",
              ", ".join(f"{n} {len(e)} {class_counts(e)}" for n, e in splits.items()), labels, max_length)
-    log.info("trainable parameters: %s of %s (%s)", f"{trainable:,}", f"{total:,}", opts.trainable)
+    log.info("trainable parameters: %s of %s (%s)", f"{trainable:,}", f"{total:,}", policy)
     device = resolve_device(opts.train.device)
     start = cache_start(model) if opts.activation_cache and not opts.book_compat else 0
     if start:
@@ -181,9 +185,29 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
         plot_history(history, run_dir)
         meta = {"task": "classification", "model": opts.model, "model_config": pretrained.config.to_dict(),
                 "labels": labels, "pooling": opts.pooling, "max_length": max_length,
-                "options": {**asdict(opts), "out": str(opts.out)}}
+                "random_init": opts.random_init, "options": {**asdict(opts), "out": str(opts.out)}}
+        if opts.finetune == "lora":
+            meta["lora"] = opts.lora.to_dict()
         save_finetuned(run_dir, model, tokenizer, meta)
     return results
+
+
+def surgery(model: SequenceClassifier, opts: ClassifyOptions) -> str:
+    """Make the chosen parameters trainable (the head is already replaced); says which.
+
+    LoRA follows appendix E: everything frozen, then adapters, so with ``all-linear`` the new
+    head is frozen too and trains through its own adapter (rank >= classes: a full-rank
+    update). A head no target wraps would stay random, so it trains fully.
+    """
+    if opts.finetune == "full":
+        apply_trainable(model.backbone, opts.trainable)
+        return opts.trainable
+    adapters = apply_lora(model.backbone, opts.lora)
+    head = model.backbone.out_head
+    if not isinstance(head, LinearWithLoRA):
+        head.requires_grad_(True)
+    return (f"LoRA rank {opts.lora.rank}, alpha {opts.lora.alpha:g} on {','.join(opts.lora.targets)}: "
+            f"{adapters:,} adapter parameters" + ("" if isinstance(head, LinearWithLoRA) else " + the head"))
 
 
 def final_metrics(model, task: ClassificationTask, loaders: dict[str, DataLoader], device: torch.device,

@@ -101,6 +101,11 @@ class LinearWithLoRA(nn.Module):
         return self.linear(x) + self.lora(x)
 
 
+def check_finetune(mode: str) -> None:
+    if mode not in FINETUNE_MODES:
+        raise LlmftError(f"--finetune must be one of {', '.join(FINETUNE_MODES)}, got {mode!r}")
+
+
 def _matches(path: str, target: str) -> bool:
     """Whether the target's dot-separated parts occur in a row in the module path."""
     parts, want = path.split("."), target.split(".")
