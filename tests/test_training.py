@@ -99,3 +99,16 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_gpt2_config):
         results.append(model.state_dict())
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], atol=1e-5, rtol=1e-4)
+
+
+def test_cached_and_token_loaders_batch_identically_when_grouped(tiny_gpt2_config, sms_splits, gpt2_tokenizer):
+    model = SequenceClassifier(build_model(tiny_gpt2_config), 2)
+    apply_trainable(model.backbone, "last-block")
+    labels = label_names(sms_splits)
+    tokens = make_loaders(sms_splits, gpt2_tokenizer, labels, 64, 8, 7, None, group_by_length=True)
+    cached = cached_loaders(model, tokens, gpt2_tokenizer.eos_id, 7, torch.device("cpu"), 1, group_by_length=True)
+    a = [(b["labels"].tolist(), b["lengths"].tolist()) for b in tokens["train"]]
+    b = [(b["labels"].tolist(), b["lengths"].tolist()) for b in cached["train"]]
+    assert a == b and len(a) == len(sms_splits.train) // 8
+    widths = [max(lengths) * len(lengths) for _, lengths in a]
+    assert sum(widths) < 1.2 * sum(sum(lengths) for _, lengths in a)

@@ -10,9 +10,10 @@ per-batch dynamic padding adds little.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from torch.utils.data import Sampler
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class LengthGroupedSampler(Sampler[list[int]]):
@@ -37,3 +38,15 @@ class LengthGroupedSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         n = len(self.lengths)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def make_loader(dataset: Dataset, lengths: Sequence[int], batch_size: int, collate_fn: Callable,
+                seed: int, train: bool, group_by_length: bool = False) -> DataLoader:
+    """The one way both tasks batch data. Training: shuffled with `seed` (or length-grouped),
+    last partial batch dropped as in the book; evaluation: in order, nothing dropped."""
+    drop_last = train and len(lengths) >= batch_size
+    if train and group_by_length:
+        return DataLoader(dataset, batch_sampler=LengthGroupedSampler(lengths, batch_size, seed, drop_last),
+                          collate_fn=collate_fn)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed))

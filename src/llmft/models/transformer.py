@@ -173,6 +173,13 @@ class DecoderLM(nn.Module):
                 mask: torch.Tensor | None = None, cache_pos: int | None = None) -> torch.Tensor:
         return self.out_head(self.hidden_states(idx, positions, mask, cache_pos))
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block (dynamic shapes: batches and cache positions vary).
+        Per block rather than whole model, so the classification head, the activation cache
+        and generation all reuse the same compiled graphs."""
+        for block in self.blocks:
+            block.compile(dynamic=True)
+
     # -- key/value cache ---------------------------------------------------------------
     def set_kv_cache(self, batch_size: int, max_len: int) -> None:
         p = self.tok_emb.weight

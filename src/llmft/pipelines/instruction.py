@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from llmft.checkpoint import RUN_FILE, load_finetuned, save_finetuned
+from llmft.data.batching import make_loader
 from llmft.data.instruction import (
     InstructionDataset, collate_instruction, load_instruction_data, split_instruction_data,
 )
@@ -108,9 +109,9 @@ def train_instructions(opts: InstructOptions) -> dict[str, Any]:
                                 allowed_max_length=max_length, mask_prompt=opts.mask_prompt)
 
     def loader(data: list[dict], is_train: bool) -> DataLoader:
-        return DataLoader(InstructionDataset(data, tokenizer, style, max_length), batch_size=opts.train.batch_size,
-                          shuffle=is_train, drop_last=is_train and len(data) >= opts.train.batch_size,
-                          collate_fn=collate, generator=torch.Generator().manual_seed(opts.train.seed))
+        dataset = InstructionDataset(data, tokenizer, style, max_length)
+        return make_loader(dataset, [len(ids) for ids in dataset.encoded_texts], opts.train.batch_size, collate,
+                           opts.train.seed, train=is_train, group_by_length=opts.train.group_by_length)
 
     train_loader, val_loader = loader(train_data, True), loader(val_data, False)
     trainable, total = count_parameters(model)

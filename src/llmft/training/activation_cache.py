@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset
 
+from llmft.data.batching import make_loader
 from llmft.data.classification import ClassificationDataset, collate_classification
 from llmft.training.freezing import first_trainable_block
 from llmft.training.heads import SequenceClassifier
@@ -92,13 +93,14 @@ def collate_activations(batch: list[tuple[torch.Tensor, int]]) -> dict[str, torc
 
 
 def cached_loaders(model: SequenceClassifier, loaders: dict[str, DataLoader], pad_id: int, seed: int,
-                   device: torch.device, start: int) -> dict[str, DataLoader]:
+                   device: torch.device, start: int, group_by_length: bool = False) -> dict[str, DataLoader]:
     """Loaders over the input of block `start`, batched and shuffled exactly as `loaders`."""
     model.backbone.to(device)
     log.info("activation cache: computing blocks 0-%d once per example", start - 1)
-    return {
-        name: DataLoader(CachedActivations(model, loader.dataset, start, pad_id, device),
-                         batch_size=loader.batch_size, shuffle=name == "train", drop_last=loader.drop_last,
-                         collate_fn=collate_activations, generator=torch.Generator().manual_seed(seed))
-        for name, loader in loaders.items()
-    }
+    out = {}
+    for name, loader in loaders.items():
+        data = CachedActivations(model, loader.dataset, start, pad_id, device)
+        lengths = np.diff(data.offsets).tolist()
+        out[name] = make_loader(data, lengths, loader.batch_size or loader.batch_sampler.batch_size,
+                                collate_activations, seed, train=name == "train", group_by_length=group_by_length)
+    return out

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llmft.errors import LlmftError
+from llmft.models.transformer import DecoderLM
 from llmft.training.metrics_log import MetricsLog
 
 log = logging.getLogger("llmft")
@@ -49,6 +50,9 @@ class TrainConfig:
     seed: int = 123
     device: str = "auto"
     precision: str = "32"
+    group_by_length: bool = False  # batches of similar lengths (less padding), still shuffled
+    compile: bool = False  # torch.compile each transformer block
+    grad_checkpoint: bool = False  # recompute block activations in backward to save memory
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum"):
@@ -104,6 +108,15 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
+    """Apply the speed/memory switches to every decoder inside `model`."""
+    for module in model.modules():
+        if isinstance(module, DecoderLM):
+            module.grad_checkpoint = cfg.grad_checkpoint
+            if cfg.compile:
+                module.compile_blocks()
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -152,6 +165,7 @@ def train(model: nn.Module, task: Task, train_batches: Iterable[Batch], val_batc
     """Fine-tune `model` in place. `train_batches` is re-iterated every epoch (a DataLoader)."""
     device = resolve_device(cfg.device)
     model.to(device)
+    prepare_model(model, cfg)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "16-mixed")
     steps_per_epoch = math.ceil(len(train_batches) / cfg.grad_accum)
