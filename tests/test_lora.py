@@ -265,25 +265,50 @@ def train_lora_classifier(monkeypatch, out, sms_slice, tiny_gpt2_config, base, *
     return results, saved["model"]
 
 
-@pytest.mark.parametrize("base", ["pretrained", "random"])
-def test_lora_run_reloads_bit_for_bit(base, hf_base, sms_slice, tiny_gpt2_config, gpt2_tokenizer, tmp_path,
-                                      monkeypatch):
-    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_finetuned
+def check_reload(run, trained, gpt2_tokenizer) -> None:
+    """Loading the run gives the trained model's logits bit for bit; `predict` runs on it."""
+    from llmft.checkpoint import load_finetuned
     from llmft.pipelines.classification import predict
 
-    run = tmp_path / "run"
-    results, trained = train_lora_classifier(monkeypatch, run, sms_slice, tiny_gpt2_config,
-                                             hf_base if base == "pretrained" else "random", rank=4, alpha=8)
+    model, tokenizer, meta = load_finetuned(run)
+    assert meta["lora"] == {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]}
+    expected = classifier_logits(trained, gpt2_tokenizer)
+    assert torch.equal(classifier_logits(model, tokenizer), expected)
+    assert [label for label, _ in predict(run, TEXTS, device="cpu")] == \
+        [meta["labels"][i] for i in expected.argmax(-1).tolist()]
+
+
+def test_lora_classifier_on_a_pretrained_base_saves_the_adapter_reloads_and_merges(
+        hf_base, sms_slice, tiny_gpt2_config, gpt2_tokenizer, tmp_path, monkeypatch):
+    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_finetuned
+    from llmft.cli import main
+
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    results, trained = train_lora_classifier(monkeypatch, run, sms_slice, tiny_gpt2_config, hf_base, rank=4, alpha=8)
     # Book rule: all-linear wraps the new head, which then trains only through its adapter.
     assert results["trainable_parameters"] == sum(p.numel() for n, p in trained.named_parameters()
                                                   if n.endswith(("lora.A", "lora.B")))
-    assert (run / ADAPTER_FILE).is_file()
-    assert (run / WEIGHTS_FILE).is_file() == (base == "random")  # random weights cannot be re-created
-    model, tokenizer, meta = load_finetuned(run)
-    assert meta["lora"] == {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]}
-    assert torch.equal(classifier_logits(model, tokenizer), classifier_logits(trained, gpt2_tokenizer))
-    assert [label for label, _ in predict(run, TEXTS, device="cpu")] == \
-        [meta["labels"][i] for i in classifier_logits(trained, gpt2_tokenizer).argmax(-1).tolist()]
+    assert (run / ADAPTER_FILE).is_file() and not (run / WEIGHTS_FILE).exists()
+    check_reload(run, trained, gpt2_tokenizer)
+
+    assert main(["merge", str(run), "--out", str(merged), "--hf"]) == 2  # no HF form for a classifier
+    assert main(["merge", str(run), "--out", str(merged)]) == 0
+    assert not (merged / ADAPTER_FILE).exists() and (merged / "test.csv").is_file()
+    model, tokenizer, meta = load_finetuned(merged)
+    assert "lora" not in meta and not any(isinstance(m, LinearWithLoRA) for m in model.modules())
+    torch.testing.assert_close(classifier_logits(model, tokenizer), classifier_logits(trained, gpt2_tokenizer),
+                               atol=1e-5, rtol=0)
+    assert main(["merge", str(merged), "--out", str(tmp_path / "again")]) == 2  # nothing left to merge
+
+
+def test_lora_classifier_on_a_random_base_saves_the_base_too(sms_slice, tiny_gpt2_config, gpt2_tokenizer, tmp_path,
+                                                             monkeypatch):
+    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE
+
+    run = tmp_path / "run"
+    _, trained = train_lora_classifier(monkeypatch, run, sms_slice, tiny_gpt2_config, "random", rank=4, alpha=8)
+    assert (run / ADAPTER_FILE).is_file() and (run / WEIGHTS_FILE).is_file()  # random weights cannot be re-made
+    check_reload(run, trained, gpt2_tokenizer)
 
 
 def test_lora_head_outside_the_targets_trains_fully(hf_base, sms_slice, tiny_gpt2_config, tmp_path, monkeypatch):
@@ -301,52 +326,42 @@ def test_lora_head_outside_the_targets_trains_fully(hf_base, sms_slice, tiny_gpt
         "backbone.out_head.weight", "backbone.out_head.bias"}
 
 
-def test_merge_a_classification_run(hf_base, sms_slice, tiny_gpt2_config, gpt2_tokenizer, tmp_path, monkeypatch):
-    from llmft.checkpoint import ADAPTER_FILE, load_finetuned
+def test_instruction_lora_run_merges_into_a_hugging_face_folder(hf_base, tmp_path, monkeypatch):
+    """Tied GPT-2 with its output head adapted: the run stores only the adapter, reloads bit for
+    bit, and merges into an untied head without touching the embedding."""
+    import json
+
+    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_finetuned
     from llmft.cli import main
-
-    run, merged = tmp_path / "run", tmp_path / "merged"
-    _, trained = train_lora_classifier(monkeypatch, run, sms_slice, tiny_gpt2_config, hf_base, rank=4)
-    assert main(["merge", str(run), "--out", str(merged), "--hf"]) == 2  # no HF form for a classifier
-    assert main(["merge", str(run), "--out", str(merged)]) == 0
-    assert not (merged / ADAPTER_FILE).exists() and (merged / "test.csv").is_file()
-    model, tokenizer, meta = load_finetuned(merged)
-    assert "lora" not in meta and not any(isinstance(m, LinearWithLoRA) for m in model.modules())
-    torch.testing.assert_close(classifier_logits(model, tokenizer), classifier_logits(trained, gpt2_tokenizer),
-                               atol=1e-5, rtol=0)
-    assert main(["merge", str(merged), "--out", str(tmp_path / "again")]) == 2  # nothing left to merge
-
-
-def test_language_model_run_merges_into_a_hugging_face_folder(hf_base, gpt2_tokenizer, tmp_path):
-    """Tied GPT-2 with the output head adapted: the run stores only A/B; merging unties the head."""
-    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_finetuned, save_finetuned
-    from llmft.pipelines.merge import merge_run
+    from llmft.pipelines import instruction
     from llmft.weights import load_pretrained
+    from tests.conftest import INSTRUCTIONS
 
-    base = load_pretrained(str(hf_base))
-    model = base.model
-    cfg = LoRAConfig(rank=4, targets=("attn", "head"))
-    apply_lora(model, cfg)
-    randomize_b(model)
-    run = tmp_path / "run"
-    run.mkdir()
-    meta = {"task": "instruction", "model": str(hf_base), "model_config": base.config.to_dict(),
-            "lora": cfg.to_dict()}
-    save_finetuned(run, model, base.tokenizer, meta)
+    data, run, merged = tmp_path / "slice.json", tmp_path / "run", tmp_path / "merged"
+    data.write_text(json.dumps(json.loads(INSTRUCTIONS.read_text())[:24]))
+    saved = {}
+    save = instruction.save_finetuned
+    monkeypatch.setattr(instruction, "save_finetuned", lambda d, m, t, meta: save(d, saved.setdefault("model", m), t, meta))
+    assert main(["instruct", "train", "--model", str(hf_base), "--data", str(data), "--out", str(run),
+                 "--max-length", "64", "--epochs", "1", "--eval-iter", "1", "--lr", "1e-3", "--device", "cpu",
+                 "--finetune", "lora", "--lora-rank", "4", "--lora-targets", "attn,head"]) == 0
     assert not (run / WEIGHTS_FILE).exists()
     assert (run / ADAPTER_FILE).stat().st_size < 1_000_000  # the base model is 13 MB
     x = tokens()
-    expected = model.eval()(x)
-    loaded, _, _ = load_finetuned(run)
+    expected = saved["model"].eval()(x)
+    loaded, _, meta = load_finetuned(run)
+    assert meta["lora"]["targets"] == ["attn", "head"]
     assert torch.equal(loaded(x), expected)
 
-    merge_run(run, tmp_path / "merged", hf=True)
-    exported = load_pretrained(str(tmp_path / "merged" / "hf"))
+    assert main(["merge", str(run), "--out", str(merged), "--hf"]) == 0
+    base = load_pretrained(str(hf_base)).model
+    exported = load_pretrained(str(merged / "hf"))
     assert not exported.config.tie_embeddings
-    assert torch.equal(exported.model.tok_emb.weight, base.model.tok_emb.weight)
+    assert torch.equal(exported.model.tok_emb.weight, base.tok_emb.weight)
+    assert not torch.equal(exported.model.out_head.weight, base.out_head.weight)
     torch.testing.assert_close(exported.model(x), expected, atol=1e-5, rtol=0)
-    merged, _, _ = load_finetuned(tmp_path / "merged")
-    torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=0)
+    merged_model, _, _ = load_finetuned(merged)
+    torch.testing.assert_close(merged_model(x), expected, atol=1e-5, rtol=0)
 
 
 def test_adapter_onto_a_changed_base_fails(hf_base, tiny_gpt2_config, gpt2_tokenizer, tmp_path):

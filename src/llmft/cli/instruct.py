@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmft.cli.options import train_options, train_config
+from llmft.cli.options import lora_config, lora_options, train_config, train_options
 
 
 @click.group()
@@ -29,13 +29,14 @@ def instruct() -> None:
 @click.option("--max-length", type=int, default=None, help="Truncate examples (default: the model's context).")
 @click.option("--random-init", is_flag=True, help="Random weights instead of pretrained (tests, benchmarks).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@lora_options
 @train_options(epochs=2, eval_freq=5, eval_iter=5)
 def train_cmd(**kwargs) -> None:
     """Fine-tune a model to follow instructions."""
     from llmft.pipelines.instruction import InstructOptions, train_instructions
 
-    cfg = train_config(kwargs)
-    results = train_instructions(InstructOptions(**kwargs, train=cfg))
+    cfg, lora = train_config(kwargs), lora_config(kwargs)
+    results = train_instructions(InstructOptions(**kwargs, lora=lora, train=cfg))
     click.echo(f"validation loss: {results['initial_val_loss']:.3f} -> {results['final_val_loss']:.3f}")
     click.echo(f"run saved to {kwargs['out']}")
 

@@ -206,8 +206,7 @@ def surgery(model: SequenceClassifier, opts: ClassifyOptions) -> str:
     head = model.backbone.out_head
     if not isinstance(head, LinearWithLoRA):
         head.requires_grad_(True)
-    return (f"LoRA rank {opts.lora.rank}, alpha {opts.lora.alpha:g} on {','.join(opts.lora.targets)}: "
-            f"{adapters:,} adapter parameters" + ("" if isinstance(head, LinearWithLoRA) else " + the head"))
+    return opts.lora.describe(adapters) + ("" if isinstance(head, LinearWithLoRA) else " + the head")
 
 
 def final_metrics(model, task: ClassificationTask, loaders: dict[str, DataLoader], device: torch.device,

@@ -28,6 +28,7 @@ from llmft.prompts import PromptStyle, default_prompt_style, get_prompt_style
 from llmft.rundir import atomic_write_json, check_new_run_dir, read_json, staged_run_dir
 from llmft.tokenizers import Tokenizer
 from llmft.training.freezing import count_parameters
+from llmft.training.lora import LoRAConfig, apply_lora, check_finetune
 from llmft.training.loop import Batch, TrainConfig, resolve_device, seed_everything, train
 from llmft.training.resources import peak_memory_mb
 from llmft.weights import load_pretrained
@@ -50,6 +51,8 @@ class InstructOptions:
     mask_prompt: bool = False  # exercise 7.2: no loss on instruction and input tokens
     max_length: int | None = None  # allowed_max_length; default: the model's context
     sample_tokens: int = 35  # the book's per-epoch sample length
+    finetune: str = "full"  # every parameter, or "lora": low-rank adapters on the frozen model
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     random_init: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
@@ -93,6 +96,7 @@ def resolve_style(name: str | None, tokenizer: Tokenizer) -> PromptStyle:
 
 
 def train_instructions(opts: InstructOptions) -> dict[str, Any]:
+    check_finetune(opts.finetune)
     check_new_run_dir(opts.out, opts.overwrite)
     seed_everything(opts.train.seed)
     entries = load_instruction_data(opts.data, opts.instruction_key, opts.input_key, opts.output_key)
@@ -114,9 +118,10 @@ def train_instructions(opts: InstructOptions) -> dict[str, Any]:
                            opts.train.seed, train=is_train, group_by_length=opts.train.group_by_length)
 
     train_loader, val_loader = loader(train_data, True), loader(val_data, False)
+    policy = opts.lora.describe(apply_lora(model, opts.lora)) if opts.finetune == "lora" else "all"
     trainable, total = count_parameters(model)
-    log.info("data: %d train, %d validation, %d test | prompt style %s | trainable parameters %s of %s",
-             len(train_data), len(val_data), len(test_data), style.name, f"{trainable:,}", f"{total:,}")
+    log.info("data: %d train, %d validation, %d test | prompt style %s | trainable parameters %s of %s (%s)",
+             len(train_data), len(val_data), len(test_data), style.name, f"{trainable:,}", f"{total:,}", policy)
     task = InstructionTask(tokenizer, style, val_data[0], opts.sample_tokens)
     device = resolve_device(opts.train.device)
     with staged_run_dir(opts.out, opts.overwrite) as run_dir:
@@ -134,8 +139,10 @@ def train_instructions(opts: InstructOptions) -> dict[str, Any]:
         plot_values([s["epoch"] for s in steps], [s["tokens_seen"] for s in steps], [s["train_loss"] for s in steps],
                     [s["val_loss"] for s in steps], "loss", run_dir / "loss", seen_label="Tokens seen")
         meta = {"task": "instruction", "model": opts.model, "model_config": cfg.to_dict(),
-                "prompt_style": style.name, "max_length": max_length,
+                "prompt_style": style.name, "max_length": max_length, "random_init": opts.random_init,
                 "options": {**asdict(opts), "out": str(opts.out)}}
+        if opts.finetune == "lora":
+            meta["lora"] = opts.lora.to_dict()
         save_finetuned(run_dir, model, tokenizer, meta)
     return results
 

@@ -59,6 +59,10 @@ class LoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "targets": list(self.targets)}
 
+    def describe(self, adapters: int) -> str:
+        """For the log line naming what trains."""
+        return f"LoRA rank {self.rank}, alpha {self.alpha:g} on {','.join(self.targets)}: {adapters:,} adapter parameters"
+
 
 class LoRALayer(nn.Module):
     """The update alone: (alpha / rank) · dropout(x) A B."""
