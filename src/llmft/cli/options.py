@@ -25,6 +25,9 @@ HELP = {
     "seed": "Seed for data shuffling, splits and initialisation.",
     "device": "auto (cuda, mps, cpu), or a torch device name.",
     "precision": "32, bf16-mixed or 16-mixed (loss scaling).",
+    "group_by_length": "Batch examples of similar length together (less padding), still shuffled.",
+    "compile": "torch.compile the transformer blocks (GPU; slow to start on CPU).",
+    "grad_checkpoint": "Recompute activations in backward: less memory for long sequences.",
 }
 
 
@@ -36,6 +39,10 @@ def train_options(**defaults: Any):
         for f in reversed(dataclasses.fields(TrainConfig)):
             default = defaults.get(f.name, f.default)
             kind = hints[f.name]
+            if kind is bool:
+                command = click.option(f"--{f.name.replace('_', '-')}", f.name, is_flag=True, default=default,
+                                       help=HELP[f.name])(command)
+                continue
             click_type = {int: int, float: float, str: str}.get(kind, float)  # float | None → float
             command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=click_type, default=default,
                                    show_default=True, help=HELP[f.name])(command)

@@ -18,6 +18,7 @@ from llmft.data.classification import (
     ClassificationDataset, Splits, balance, class_counts, collate_classification, label_names, longest,
     split, write_split,
 )
+from llmft.data.batching import make_loader
 from llmft.data.sources import read_labelled_texts, resolve_data
 from llmft.errors import LlmftError
 from llmft.plots import plot_values
@@ -126,18 +127,15 @@ def load_splits(opts: ClassifyOptions) -> Splits:
 
 
 def make_loaders(splits: Splits, tokenizer, labels: list[str], max_length: int, batch_size: int,
-                 seed: int, pad_to: int | None) -> dict[str, DataLoader]:
+                 seed: int, pad_to: int | None, group_by_length: bool = False) -> dict[str, DataLoader]:
     def collate(batch):
         return collate_classification(batch, tokenizer.eos_id, pad_to)
 
     loaders = {}
     for name, examples in splits.items():
-        is_train = name == "train"
-        loaders[name] = DataLoader(
-            ClassificationDataset(examples, tokenizer, labels, max_length), batch_size=batch_size,
-            shuffle=is_train, drop_last=is_train and len(examples) >= batch_size, collate_fn=collate,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        data = ClassificationDataset(examples, tokenizer, labels, max_length)
+        loaders[name] = make_loader(data, [len(ids) for ids in data.token_ids], batch_size, collate, seed,
+                                    train=name == "train", group_by_length=group_by_length)
     return loaders
 
 
@@ -157,7 +155,8 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
         raise LlmftError(f"--max-length {opts.max_length} exceeds the model's context of {context} tokens")
     max_length = opts.max_length or min(longest(splits.train, tokenizer), context)
     loaders = make_loaders(splits, tokenizer, labels, max_length, opts.train.batch_size, opts.train.seed,
-                           pad_to=max_length if opts.book_compat else None)
+                           pad_to=max_length if opts.book_compat else None,
+                           group_by_length=opts.train.group_by_length)
     seed_everything(opts.train.seed)  # the new head's init does not depend on data loading
     model = SequenceClassifier(pretrained.model, len(labels), opts.pooling)
     policy = surgery(model, opts)
@@ -168,7 +167,8 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
     device = resolve_device(opts.train.device)
     start = cache_start(model) if opts.activation_cache and not opts.book_compat else 0
     if start:
-        loaders = cached_loaders(model, loaders, tokenizer.eos_id, opts.train.seed, device, start)
+        loaders = cached_loaders(model, loaders, tokenizer.eos_id, opts.train.seed, device, start,
+                                 opts.train.group_by_length)
     task = ClassificationTask(loaders["train"], loaders["validation"], opts.train.eval_iter, device, start)
 
     with staged_run_dir(opts.out, opts.overwrite) as run_dir:

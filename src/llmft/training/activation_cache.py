@@ -41,7 +41,7 @@ class CachedActivations(Dataset):
     """Per example: the input of block `start` (T_i, emb_dim) and the label."""
 
     def __init__(self, model: SequenceClassifier, data: ClassificationDataset, start: int, pad_id: int,
-                 device: torch.device, batch_size: int = 16, max_memory_bytes: int = 4 << 30) -> None:
+                 device: torch.device, batch_size: int = 64, max_memory_bytes: int = 4 << 30) -> None:
         self.start, self.labels = start, data.labels
         lengths = [len(ids) for ids in data.token_ids]
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
