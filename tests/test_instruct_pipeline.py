@@ -77,3 +77,8 @@ def test_cli_errors(tmp_path, capsys):
                  "--out", str(tmp_path / "r")]) == 2
     assert "unknown prompt style 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_respond_with_a_model_before_finetuning_needs_data_and_out(tmp_path, capsys):
+    assert main(["instruct", "respond", "gpt2-small", "--data", str(INSTRUCTIONS)]) == 2
+    assert "pass --data FILE and --out FILE" in capsys.readouterr().err

@@ -42,19 +42,20 @@ def train_cmd(**kwargs) -> None:
 
 
 @instruct.command("respond")
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("source")
 @click.option("--split", default="test", help="train, validation or test split of the run.")
 @click.option("--data", default=None, help="Answer this JSON/JSONL file instead of a split.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: RUN/SPLIT-responses.json")
 @click.option("--max-new-tokens", default=256)
 @click.option("--batch-size", default=8)
 @click.option("--device", default="auto")
-def respond_cmd(run_dir: Path, split: str, data: str | None, out: Path | None, max_new_tokens: int,
+def respond_cmd(source: str, split: str, data: str | None, out: Path | None, max_new_tokens: int,
                 batch_size: int, device: str) -> None:
-    """Answer every entry; rerunning continues where it stopped."""
+    """Answer every entry with a run (SOURCE = run directory) or a model before fine-tuning
+    (SOURCE = model name or path, with --data); rerunning continues where it stopped."""
     from llmft.pipelines.instruction import reference_scores, respond
 
-    path = respond(run_dir, split, data, out, max_new_tokens, batch_size, device)
+    path = respond(source, split, data, out, max_new_tokens, batch_size, device)
     click.echo(f"responses saved to {path}")
     print_reference_scores(reference_scores(path))
 

@@ -163,15 +163,20 @@ def load_chat_model(run_or_model: str, device: str = "auto") -> tuple[nn.Module,
     return model.to(resolve_device(device)).eval(), tokenizer, style
 
 
-def respond(run_dir: Path, split: str | None = "test", data: str | None = None, out: Path | None = None,
+def respond(source: str | Path, split: str | None = "test", data: str | None = None, out: Path | None = None,
             max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto") -> Path:
-    """Answer every entry of a split (or a data file) into JSON with `model_response` per entry.
+    """Answer every entry of a run's split (or of a data file) into JSON with a
+    `model_response` per entry. `source` is a run directory or, to score a model before
+    fine-tuning, a model spec (then `data` names the entries, e.g. RUN/test.json).
 
     The file is rewritten atomically after each batch, so an interrupted run loses at most
     one batch, and a rerun answers only the entries still missing a response.
     """
-    run_dir = Path(run_dir)
-    out = Path(out or run_dir / f"{split or 'data'}-responses.json")
+    run_dir = Path(source)
+    is_run = (run_dir / RUN_FILE).is_file()
+    if not is_run and not (data and out):
+        raise LlmftError(f"{source}: not a run directory; to answer with a model, pass --data FILE and --out FILE")
+    out = Path(out or run_dir / f"{'data' if data else split}-responses.json")
     if out.is_file():
         entries = read_json(out)
         log.info("resuming %s: %d of %d answered", out, sum("model_response" in e for e in entries), len(entries))
@@ -181,7 +186,7 @@ def respond(run_dir: Path, split: str | None = "test", data: str | None = None, 
         entries = read_json(run_dir / f"{split}.json")
     else:
         raise LlmftError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    model, tokenizer, style = load_chat_model(str(run_dir), device)
+    model, tokenizer, style = load_chat_model(str(source), device)
     todo = [i for i, e in enumerate(entries) if "model_response" not in e]
     todo.sort(key=lambda i: len(style.format(entries[i])))  # similar lengths share a batch
     with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar:

@@ -1,0 +1,1 @@
+"""Data sources, task datasets and batching."""
