@@ -46,7 +46,7 @@ def test_exact_batch_tensors(gpt2_tokenizer):
 @pytest.mark.parametrize("content, suffix, message", [
     ("text,label\nhello,\n", ".csv", "line 2: empty label"),
     ("msg,label\nhello,ham\n", ".csv", "missing column"),
-    ('{"text": "a"}\n', ".jsonl", "line 1: expected an object with keys"),
+    ('{"text": "a"}\n', ".jsonl", "entry 0 \\(line 1\\): expected an object with keys"),
     ("ham\t \n", ".tsv", "line 1: empty text"),
     ("no tab here\n", ".txt", "line 1: expected 'label<TAB>text'"),
 ])

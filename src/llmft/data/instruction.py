@@ -16,33 +16,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from llmft.data.sources import resolve_data
+from llmft.data.sources import json_records, resolve_data
 from llmft.errors import LlmftError
 from llmft.prompts import PromptStyle, get_prompt_style
 
 log = logging.getLogger(__name__)
 
 INSTRUCTION_DATA_NAME = "instruction-data"
-
-
-def _parse_records(path: Path, text: str) -> list[tuple[Any, str]]:
-    """(object, where) pairs from a JSON list or JSON Lines text; `where` names the entry."""
-    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise LlmftError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        return [(obj, f"entry {i}") for i, obj in enumerate(data)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmftError(f"{path}: invalid JSON at line {lineno}, column {e.colno}: {e.msg}") from None
-        records.append((obj, f"entry {len(records)} (line {lineno})"))
-    return records
 
 
 def load_instruction_data(path_or_name: str | Path, instruction_key: str = "instruction",
@@ -55,17 +35,11 @@ def load_instruction_data(path_or_name: str | Path, instruction_key: str = "inst
     Other fields of an entry are kept. Entries are numbered from 0 in error messages.
     """
     path = resolve_data(str(path_or_name)) if str(path_or_name) == INSTRUCTION_DATA_NAME else Path(path_or_name)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LlmftError(f"{path}: file not found (expected a JSON/JSONL file or "
-                         f"{INSTRUCTION_DATA_NAME!r})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlmftError(f"{path}: cannot read ({e})") from None
-
+    if not path.is_file():
+        raise LlmftError(f"{path}: file not found (expected a JSON/JSONL file or {INSTRUCTION_DATA_NAME!r})")
     keys = {"instruction": instruction_key, "input": input_key, "output": output_key}
     entries = []
-    for obj, where in _parse_records(path, text):
+    for obj, where in json_records(path):
         if not isinstance(obj, dict):
             raise LlmftError(f"{path}: {where}: expected an object, got {type(obj).__name__}")
         entry = dict(obj)

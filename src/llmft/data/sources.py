@@ -13,6 +13,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmft.download import download, md5sum
 from llmft.errors import LlmftError
@@ -82,6 +83,29 @@ def read_lines(path: Path) -> list[str]:
     return out
 
 
+def json_records(path: Path) -> list[tuple[Any, str]]:
+    """(object, where) pairs from a JSON list or a JSON Lines file; `where` names the entry
+    (and its line, for JSON Lines) for error messages."""
+    lines = read_lines(path)
+    text = "\n".join(lines)
+    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LlmftError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        return [(obj, f"entry {i}") for i, obj in enumerate(data)]
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LlmftError(f"{path}: invalid JSON at line {number}, column {e.colno}: {e.msg}") from None
+        records.append((obj, f"entry {len(records)} (line {number})"))
+    return records
+
+
 def read_labelled_texts(path: Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, str]]:
     """(text, label) pairs from JSONL, CSV/TSV with a header row, or header-less
     `label<TAB>text` lines (the SMS Spam Collection's format, read without CSV quoting)."""
@@ -89,7 +113,7 @@ def read_labelled_texts(path: Path, text_column: str = "text", label_column: str
     if not lines:
         raise LlmftError(f"{path}: file is empty")
     if path.suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, lines, text_column, label_column)
+        return _read_json(path, text_column, label_column)
     delimiter = "," if path.suffix == ".csv" else "\t"
     header = next(csv.reader([lines[0]], delimiter=delimiter))
     if text_column in header or label_column in header or path.suffix == ".csv":
@@ -106,11 +130,13 @@ def read_labelled_texts(path: Path, text_column: str = "text", label_column: str
     return pairs
 
 
-def _checked(path: Path, number: int, text: object, label: object) -> tuple[str, str]:
+def _checked(path: Path, where: int | str, text: object, label: object) -> tuple[str, str]:
+    """A (text, label) pair; `where` is a line number or an entry description."""
+    place = f"{path}, line {where}" if isinstance(where, int) else f"{path}: {where}"
     if not isinstance(text, str) or not text.strip():
-        raise LlmftError(f"{path}, line {number}: empty text")
+        raise LlmftError(f"{place}: empty text")
     if label is None or not str(label).strip():
-        raise LlmftError(f"{path}, line {number}: empty label")
+        raise LlmftError(f"{place}: empty label")
     return text, str(label).strip()
 
 
@@ -124,17 +150,10 @@ def _read_table(path: Path, lines: list[str], delimiter: str, text_column: str, 
     return [_checked(path, reader.line_num, row[text_column], row[label_column]) for row in reader]
 
 
-def _read_jsonl(path: Path, lines: list[str], text_column: str, label_column: str):
+def _read_json(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:
     pairs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LlmftError(f"{path}, line {number}: invalid JSON ({e.msg})") from None
+    for row, where in json_records(path):
         if not isinstance(row, dict) or text_column not in row or label_column not in row:
-            raise LlmftError(f"{path}, line {number}: expected an object with keys "
-                             f"{text_column!r} and {label_column!r}")
-        pairs.append(_checked(path, number, row[text_column], row[label_column]))
+            raise LlmftError(f"{path}: {where}: expected an object with keys {text_column!r} and {label_column!r}")
+        pairs.append(_checked(path, where, row[text_column], row[label_column]))
     return pairs

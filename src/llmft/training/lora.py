@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from llmft.errors import LlmftError
+from llmft.weights.checks import check_tensors
 from llmft.models.transformer import DecoderLM
 
 ALL_LINEAR = "all-linear"
@@ -195,13 +196,6 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], also:
     if not lora_layers(model):
         raise LlmftError(f"{source}: the model has no LoRA layers to load the adapter into")
     expected = lora_state_dict(model, also)
-    for key in sorted(set(expected) | set(state)):
-        if key not in state:
-            raise LlmftError(f"{source}: missing tensor {key} (adapter saved with other LoRA targets?)")
-        if key not in expected:
-            raise LlmftError(f"{source}: unexpected tensor {key} (no such LoRA layer in this model)")
-        if state[key].shape != expected[key].shape:
-            raise LlmftError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, expected "
-                             f"{tuple(expected[key].shape)} (adapter trained on a base model of another shape?)")
+    check_tensors(state, expected, source, hint="adapter made for other LoRA targets or another base model?")
     for key, tensor in expected.items():
         tensor.copy_(state[key])

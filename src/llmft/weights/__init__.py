@@ -22,6 +22,7 @@ from torch import nn
 from llmft.errors import LlmftError
 from llmft.models import MODEL_CONFIGS, DecoderLM, ModelConfig, build_model, get_config
 from llmft.tokenizers import TOKENIZER_SPEC, GPT2Tokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from llmft.weights.checks import check_tensors
 from llmft.weights.hub import download_hf
 from llmft.weights.huggingface import export_hf, load_hf_folder
 
@@ -93,15 +94,7 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor] | None, source: str)
         state = {**state, "out_head.weight": state["tok_emb.weight"]}
     with _skipped_init():
         model = build_model(cfg)
-    expected = model.state_dict()
-    for key in sorted(set(expected) | set(state)):
-        if key not in state:
-            raise LlmftError(f"{source}: missing tensor {key}")
-        if key not in expected:
-            raise LlmftError(f"{source}: unexpected tensor {key}")
-        if state[key].shape != expected[key].shape:
-            raise LlmftError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, "
-                             f"expected {tuple(expected[key].shape)}")
+    check_tensors(state, model.state_dict(), source)
     model.load_state_dict(state)
     return model.eval()
 
