@@ -397,3 +397,15 @@ def test_cli_rejects_a_bad_rank(hf_base, sms_slice, tmp_path, capsys):
                  "--out", str(tmp_path / "run"), "--finetune", "lora", "--lora-rank", "0"])
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: --lora-rank must be a positive integer, got 0"
+
+
+def test_classification_lora_keeps_the_new_head_fully_trainable():
+    """Issue 5: the pretrained model is adapted; the new head trains fully, even when wrapped."""
+    from llmft.pipelines.classification import ClassifyOptions, surgery
+
+    with torch.device("meta"):
+        model = SequenceClassifier(build_model(get_config("gpt2-small")), 2)
+    surgery(model, ClassifyOptions(finetune="lora", lora=LoRAConfig(rank=16, alpha=16)))
+    head = model.backbone.out_head
+    assert isinstance(head, LinearWithLoRA) and head.linear.weight.requires_grad and head.linear.bias.requires_grad
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2_666_528 + 768 * 2 + 2

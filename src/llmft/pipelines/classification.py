@@ -26,7 +26,7 @@ from llmft.training.activation_cache import cache_start, cached_loaders
 from llmft.rundir import atomic_write_json, check_new_run_dir, staged_run_dir
 from llmft.training.freezing import apply_trainable, count_parameters
 from llmft.training.heads import SequenceClassifier, get_pooling
-from llmft.training.lora import LinearWithLoRA, LoRAConfig, apply_lora, check_finetune
+from llmft.training.lora import LoRAConfig, apply_lora, check_finetune
 from llmft.training.loop import (
     Batch, TrainConfig, evaluate_loss, resolve_device, seed_everything, to_device, train,
 )
@@ -195,18 +195,15 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
 def surgery(model: SequenceClassifier, opts: ClassifyOptions) -> str:
     """Make the chosen parameters trainable (the head is already replaced); says which.
 
-    LoRA follows appendix E: everything frozen, then adapters, so with ``all-linear`` the new
-    head is frozen too and trains through its own adapter (rank >= classes: a full-rank
-    update). A head no target wraps would stay random, so it trains fully.
+    With LoRA the pretrained model is frozen and adapted, while the new classification head,
+    which starts random, stays fully trainable (wrapped by ``all-linear`` or not).
     """
     if opts.finetune == "full":
         apply_trainable(model.backbone, opts.trainable)
         return opts.trainable
     adapters = apply_lora(model.backbone, opts.lora)
-    head = model.backbone.out_head
-    if not isinstance(head, LinearWithLoRA):
-        head.requires_grad_(True)
-    return opts.lora.describe(adapters) + ("" if isinstance(head, LinearWithLoRA) else " + the head")
+    model.backbone.out_head.requires_grad_(True)
+    return opts.lora.describe(adapters) + " + the new head"
 
 
 def final_metrics(model, task: ClassificationTask, loaders: dict[str, DataLoader], device: torch.device,
