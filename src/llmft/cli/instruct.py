@@ -49,13 +49,14 @@ def train_cmd(**kwargs) -> None:
 @click.option("--max-new-tokens", default=256)
 @click.option("--batch-size", default=8)
 @click.option("--device", default="auto")
+@click.option("--compile", is_flag=True, help="torch.compile the blocks (GPU).")
 def respond_cmd(source: str, split: str, data: str | None, out: Path | None, max_new_tokens: int,
-                batch_size: int, device: str) -> None:
+                batch_size: int, device: str, compile: bool) -> None:
     """Answer every entry with a run (SOURCE = run directory) or a model before fine-tuning
     (SOURCE = model name or path, with --data); rerunning continues where it stopped."""
     from llmft.pipelines.instruction import reference_scores, respond
 
-    path = respond(source, split, data, out, max_new_tokens, batch_size, device)
+    path = respond(source, split, data, out, max_new_tokens, batch_size, device, compile)
     click.echo(f"responses saved to {path}")
     print_reference_scores(reference_scores(path))
 
@@ -93,8 +94,9 @@ def judge_cmd(responses: Path, judge_spec: str, judge_url: str | None, out: Path
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default="auto")
+@click.option("--compile", is_flag=True, help="torch.compile the blocks (GPU).")
 def generate(args: tuple[str, ...], model: str | None, max_new_tokens: int, temperature: float,
-             top_k: int | None, top_p: float | None, seed: int | None, device: str) -> None:
+             top_k: int | None, top_p: float | None, seed: int | None, device: str, compile: bool) -> None:
     """Answer prompts: `llmft generate RUN PROMPT...` or `llmft generate --model NAME PROMPT...`."""
     from llmft.errors import LlmftError
     from llmft.pipelines.instruction import answer, load_chat_model
@@ -102,7 +104,7 @@ def generate(args: tuple[str, ...], model: str | None, max_new_tokens: int, temp
     source, prompts = (model, list(args)) if model else (args[0], list(args[1:]))
     if not prompts:
         raise LlmftError("no prompt given: llmft generate RUN PROMPT... or --model NAME PROMPT...")
-    lm, tokenizer, style = load_chat_model(source, device)
+    lm, tokenizer, style = load_chat_model(source, device, compile)
     entries = [{"instruction": p, "input": ""} for p in prompts]
     for text in answer(lm, tokenizer, style, entries, max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed):

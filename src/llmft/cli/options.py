@@ -26,7 +26,7 @@ HELP = {
     "device": "auto (cuda, mps, cpu), or a torch device name.",
     "precision": "32, bf16-mixed or 16-mixed (loss scaling).",
     "group_by_length": "Batch examples of similar length together (less padding), still shuffled.",
-    "compile": "torch.compile the transformer blocks (GPU; slow to start on CPU).",
+    "compile": "torch.compile forward + loss into one graph (GPU; slow to start on CPU).",
     "grad_checkpoint": "Recompute activations in backward: less memory for long sequences.",
 }
 

@@ -174,11 +174,11 @@ class DecoderLM(nn.Module):
         return self.out_head(self.hidden_states(idx, positions, mask, cache_pos))
 
     def compile_blocks(self) -> None:
-        """torch.compile each block (dynamic shapes: batches and cache positions vary).
-        Per block rather than whole model, so the classification head, the activation cache
-        and generation all reuse the same compiled graphs."""
+        """torch.compile each block. Per block rather than whole model, so the classification
+        head, the activation cache and generation all reuse the same compiled graphs; shapes
+        start static (fastest kernels) and become dynamic only for a dimension that changes."""
         for block in self.blocks:
-            block.compile(dynamic=True)
+            block.compile()
 
     # -- key/value cache ---------------------------------------------------------------
     def set_kv_cache(self, batch_size: int, max_len: int) -> None:

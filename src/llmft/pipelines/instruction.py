@@ -147,9 +147,10 @@ def train_instructions(opts: InstructOptions) -> dict[str, Any]:
     return results
 
 
-def load_chat_model(run_or_model: str, device: str = "auto") -> tuple[nn.Module, Tokenizer, PromptStyle]:
+def load_chat_model(run_or_model: str, device: str = "auto",
+                    compile: bool = False) -> tuple[nn.Module, Tokenizer, PromptStyle]:
     """A fine-tuned instruction run (its weights and prompt style), or a model spec (its chat
-    template, else alpaca)."""
+    template, else alpaca). `compile` compiles each block (cached decoding reuses the graphs)."""
     path = Path(run_or_model)
     if (path / RUN_FILE).is_file():
         model, tokenizer, meta = load_finetuned(path)
@@ -160,11 +161,13 @@ def load_chat_model(run_or_model: str, device: str = "auto") -> tuple[nn.Module,
         pretrained = load_pretrained(run_or_model)
         model, tokenizer = pretrained.model, pretrained.tokenizer
         style = default_prompt_style(tokenizer)
+    if compile:
+        model.compile_blocks()
     return model.to(resolve_device(device)).eval(), tokenizer, style
 
 
 def respond(source: str | Path, split: str | None = "test", data: str | None = None, out: Path | None = None,
-            max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto") -> Path:
+            max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto", compile: bool = False) -> Path:
     """Answer every entry of a run's split (or of a data file) into JSON with a
     `model_response` per entry. `source` is a run directory or, to score a model before
     fine-tuning, a model spec (then `data` names the entries, e.g. RUN/test.json).
@@ -186,7 +189,7 @@ def respond(source: str | Path, split: str | None = "test", data: str | None = N
         entries = read_json(run_dir / f"{split}.json")
     else:
         raise LlmftError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    model, tokenizer, style = load_chat_model(str(source), device)
+    model, tokenizer, style = load_chat_model(str(source), device, compile)
     todo = [i for i, e in enumerate(entries) if "model_response" not in e]
     todo.sort(key=lambda i: len(style.format(entries[i])))  # similar lengths share a batch
     with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar:
