@@ -19,7 +19,9 @@ GPT2_BPE = DATA / "gpt2-tokenizer"
 # Never touch the network from tests: hub calls fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LLMFT_DATA_DIR", str(DATA))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: the test models are small, and with two threads on a 2-core machine any other
+# busy process makes every op wait for a descheduled thread (20x slower measured here).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
