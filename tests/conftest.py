@@ -41,3 +41,19 @@ def tiny_gpt2_config():
 def tiny_llama_config():
     return get_config("smollm2-135m").with_(name="tiny-llama", n_layers=2, emb_dim=64, n_heads=4, n_kv_heads=2,
                                             hidden_dim=96, head_dim=0, context_length=128)
+
+
+class NextTokenTask:
+    """The smallest task the training loop accepts: next-token loss on batches {"x": ids}."""
+
+    seen_unit = "tokens"
+
+    def loss(self, model, batch):
+        logits = model(batch["x"][:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["x"][:, 1:].flatten())
+
+    def count_seen(self, batch):
+        return batch["x"].numel()
+
+    def on_epoch_end(self, model, epoch):
+        return {}

@@ -7,22 +7,9 @@ import torch
 
 from llmft.models import build_model
 from llmft.training.loop import TrainConfig, train
+from tests.conftest import NextTokenTask
 
 pytestmark = pytest.mark.slow  # inductor compiles C++ on CPU: tens of seconds
-
-
-class LM:
-    seen_unit = "tokens"
-
-    def loss(self, model, batch):
-        logits = model(batch["x"][:, :-1])
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["x"][:, 1:].flatten())
-
-    def count_seen(self, batch):
-        return batch["x"].numel()
-
-    def on_epoch_end(self, model, epoch):
-        return {}
 
 
 def test_compiled_training_matches_eager(tiny_llama_config):
@@ -33,5 +20,5 @@ def test_compiled_training_matches_eager(tiny_llama_config):
     for compile in (False, True):
         model = copy.deepcopy(base)
         cfg = TrainConfig(epochs=1, lr=1e-2, eval_freq=1, eval_iter=1, device="cpu", compile=compile)
-        histories.append([r["train_loss"] for r in train(model, LM(), batches, batches, cfg, show_progress=False).steps])
+        histories.append([r["train_loss"] for r in train(model, NextTokenTask(), batches, batches, cfg, show_progress=False).steps])
     assert histories[1] == pytest.approx(histories[0], rel=1e-4)

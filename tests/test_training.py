@@ -13,7 +13,7 @@ from llmft.training.activation_cache import cache_start, cached_loaders
 from llmft.training.freezing import apply_trainable
 from llmft.training.heads import SequenceClassifier
 from llmft.training.loop import TrainConfig, lr_at, train
-from tests.conftest import SMS
+from tests.conftest import SMS, NextTokenTask
 
 
 @pytest.fixture(scope="module")
@@ -76,25 +76,11 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_gpt2_config):
     torch.manual_seed(0)
     base = build_model(tiny_gpt2_config)
     data = torch.randint(0, 1000, (8, 10))
-
-    class LM:
-        seen_unit = "tokens"
-
-        def loss(self, model, batch):
-            logits = model(batch["x"][:, :-1])
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["x"][:, 1:].flatten())
-
-        def count_seen(self, batch):
-            return batch["x"].numel()
-
-        def on_epoch_end(self, model, epoch):
-            return {}
-
     results = []
     for accum, bs in ((1, 8), (2, 4)):
         model = copy.deepcopy(base)
         batches = [{"x": data[i:i + bs]} for i in range(0, 8, bs)]
-        train(model, LM(), batches, batches, TrainConfig(epochs=1, grad_accum=accum, lr=1e-2, weight_decay=0,
+        train(model, NextTokenTask(), batches, batches, TrainConfig(epochs=1, grad_accum=accum, lr=1e-2, weight_decay=0,
                                                          device="cpu"), show_progress=False)
         results.append(model.state_dict())
     for k in results[0]:
