@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("worker.py")
 RESULT_PREFIX = "BENCHMARK-RESULT "
 STATUS = Path("/proc/self/status")
+PROGRESS_BAR = re.compile(r"\s*[\w ]*:\s+\d+%\|")
 
 # --quick shrinks every model to this (the real vocabulary stays): a smoke test of the
 # machinery whose numbers say nothing about the real sizes.
@@ -83,7 +85,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     for line in proc.stdout:
         if line.startswith(RESULT_PREFIX):
             results.append(line[len(RESULT_PREFIX):])
-        else:
+        elif line.strip() and not PROGRESS_BAR.match(line):  # tqdm redraws (\r) read as lines; eval lines show progress
             sys.stderr.write(f"  {line}")
             tail = [*tail[-40:], line]
     if proc.wait() or not results:

@@ -1,7 +1,7 @@
 """llmft benchmarks: one entry point for every suite; prints (and optionally writes) a markdown report.
 
-    python benchmarks/run.py --suite all                  # everything, full size (about an hour on 2 cores)
-    python benchmarks/run.py --quick                      # smoke test of every suite (about a minute)
+    python benchmarks/run.py --suite all                  # everything, full size (~1 h on 2 busy cores, --threads 1)
+    python benchmarks/run.py --quick                      # smoke test of every suite (1-2 minutes)
     python benchmarks/run.py --suite recipe --epochs 1    # shorter recipe, both sides equally
     python benchmarks/run.py --suite train generate --write-docs docs/benchmarks.md
 
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="registry configs for the train and generate suites (random weights)")
     g = p.add_argument_group("recipe")
     g.add_argument("--epochs", type=int, help="epochs for both sides (book: 5; --quick: 1)")
+    g.add_argument("--max-length", type=int, help="tokens per text (default: the longest training text; "
+                   "the book's split gives 120)")
     g.add_argument("--recipe-rounds", type=int, default=1, help="runs per side, in ABBA order")
     g = p.add_argument_group("train")
     g.add_argument("--batch", type=int, default=8)
@@ -72,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "warmup_tokens", "repeats"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.max_length is not None and args.max_length < 1:
+        p.error("--max-length must be at least 1")
     if min(args.gen_batches) < 1 or args.warmup < 0:
         p.error("--gen-batches must be at least 1 and --warmup at least 0")
     args.suites = list(SUITES) if "all" in args.suite else list(dict.fromkeys(args.suite))
