@@ -129,8 +129,9 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens
     def last_logits(start: int, end: int) -> torch.Tensor:
         """Run the tokens at slots [start, end) (all of them without a cache); next-token logits."""
         mask = attention_mask(key_valid[:, :end], start, end) if padded else None
-        return model(seq[:, start:end], positions=positions[:, start:end], mask=mask,
-                     cache_pos=start if use_cache else None)[:, -1]
+        hidden = model.hidden_states(seq[:, start:end], positions=positions[:, start:end], mask=mask,
+                                     cache_pos=start if use_cache else None)
+        return model.out_head(hidden[:, -1])  # the vocabulary projection at the last position only
 
     with _decoding(model):
         if use_cache:

@@ -28,7 +28,7 @@ from llmft.training.freezing import apply_trainable, count_parameters
 from llmft.training.heads import SequenceClassifier, get_pooling
 from llmft.training.lora import LoRAConfig, apply_lora, check_finetune
 from llmft.training.loop import (
-    Batch, TrainConfig, evaluate_loss, resolve_device, seed_everything, to_device, train,
+    Batch, TrainConfig, autocast, resolve_device, seed_everything, to_device, train,
 )
 from llmft.training.resources import peak_memory_mb
 from llmft.weights import load_pretrained
@@ -91,20 +91,34 @@ class ClassificationTask:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, task: ClassificationTask, batches, device: torch.device,
-             num_batches: int | None = None) -> float:
-    """Share of correct predictions over the first `num_batches` batches (all when None)."""
+def evaluate(model: nn.Module, task: ClassificationTask, batches, device: torch.device,
+             num_batches: int | None = None, precision: str = "32") -> tuple[float, float]:
+    """(accuracy, mean batch loss) over the first `num_batches` batches (all when None), in one pass."""
     was_training = model.training
     model.eval()
     correct = total = 0
+    loss_sum, n_batches = 0.0, 0
     for i, batch in enumerate(batches):
         if num_batches is not None and i >= num_batches:
             break
         batch = to_device(batch, device)
-        correct += (task.logits(model, batch).argmax(-1) == batch["labels"]).sum().item()
+        with autocast(device, precision):
+            logits = task.logits(model, batch)
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
         total += batch["labels"].shape[0]
+        loss_sum += nn.functional.cross_entropy(logits.float(), batch["labels"]).item()
+        n_batches += 1
     model.train(was_training)
-    return correct / total if total else float("nan")
+    if not total:
+        return float("nan"), float("nan")
+    return correct / total, loss_sum / n_batches
+
+
+def accuracy(model: nn.Module, task: ClassificationTask, batches, device: torch.device,
+             num_batches: int | None = None) -> float:
+    """Share of correct predictions over the first `num_batches` batches (the book's
+    `calc_accuracy_loader`)."""
+    return evaluate(model, task, batches, device, num_batches)[0]
 
 
 def load_splits(opts: ClassifyOptions) -> Splits:
@@ -210,8 +224,7 @@ def final_metrics(model, task: ClassificationTask, loaders: dict[str, DataLoader
                   precision: str = "32") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, loader in loaders.items():
-        out[f"{name}_accuracy"] = accuracy(model, task, loader, device)
-        out[f"{name}_loss"] = evaluate_loss(model, task, loader, None, device, precision)
+        out[f"{name}_accuracy"], out[f"{name}_loss"] = evaluate(model, task, loader, device, None, precision)
     return out
 
 

@@ -69,8 +69,11 @@ class InstructionTask:
         self.sample_entry, self.sample_tokens = sample_entry, sample_tokens
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        logits = model(batch["input_ids"])
-        return nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+        """The book's loss (mean over targets that are not -100), with the vocabulary
+        projection computed only where a target counts: padding and a masked prompt cost nothing."""
+        counted = batch["targets"] != -100
+        hidden = model.hidden_states(batch["input_ids"])[counted]
+        return nn.functional.cross_entropy(model.out_head(hidden), batch["targets"][counted])
 
     def count_seen(self, batch: Batch) -> int:
         return batch["input_ids"].numel()
