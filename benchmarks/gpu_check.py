@@ -13,8 +13,9 @@ line as it finishes and the whole run ending with a summary:
    step with ONLY the flash backend enabled (`torch.nn.attention.sdpa_kernel`), which raises
    when flash cannot take the call.
 3. GPT-2 medium (random weights), full fine-tuning, bf16 autocast, fused AdamW, batch
-   16 x 512 tokens: tokens/s eager and with llmft's `--compile` (`DecoderLM.compile_blocks`,
-   torch.compile per block), and model FLOPs utilisation
+   16 x 512 tokens: tokens/s eager, with per-block graphs (`DecoderLM.compile_blocks`, what
+   generation's --compile does) and with model + loss in one graph (`torch.compile` of the loss
+   function, what training's --compile does), and model FLOPs utilisation
        MFU = tokens/s * (6 N + 12 L d T) / peak dense bf16 FLOP/s
    with N the parameter count (the tied embedding once: it is the LM-head matmul), L layers,
    d = emb_dim, T tokens per row (attention scores and weighted sum, forward + backward,
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 from llmft.generation import generate_tokens
 from llmft.models import build_model, get_config
-from llmft.training.loop import TrainConfig, autocast, make_optimizer, prepare_model, train
+from llmft.training.loop import TrainConfig, autocast, make_optimizer, train
 
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 TINY = {"gpt2": {"n_layers": 2, "emb_dim": 64, "n_heads": 4},  # --dry-run models
@@ -205,9 +206,11 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, 
     optimizer = make_optimizer(model, TrainConfig(), device)  # fused AdamW on CUDA
     ids = random_ids(model, args.batch, args.seq + 1, device)
 
+    loss_fn = lm_loss
+
     def step() -> None:
         with autocast(device, "bf16-mixed"):
-            loss = lm_loss(model, ids)
+            loss = loss_fn(model, ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -233,13 +236,17 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
     runs = [measure("eager")]
     if not args.no_compile and not past_budget(args):
-        prepare_model(model, TrainConfig(compile=True))  # what --compile does: compile_blocks()
+        model.compile_blocks()  # per-block graphs (what generation --compile does)
         runs.append(measure("compile_blocks"))
+    if not args.no_compile and not past_budget(args):
+        model = new_model(args, args.model, device).train()  # one graph for model + loss: training --compile
+        optimizer = make_optimizer(model, TrainConfig(), device)
+        loss_fn = torch.compile(lm_loss)
+        runs.append(measure("compile_whole"))
     parts = [f"{r['mode']} {r['tokens_per_s']:,} tok/s ({r['step_ms']} ms/step"
              + (f", MFU {r['mfu']:.1%}" if r["mfu"] else "") + f", warm-up {r['warmup_s']} s"
              + (f", peak {r['peak_gb']} GB" if r["peak_gb"] else "") + ")" for r in runs]
-    if len(runs) == 2:
-        parts.append(f"compile/eager x{runs[1]['tokens_per_s'] / runs[0]['tokens_per_s']:.2f}")
+    parts += [f"{r['mode']}/eager x{r['tokens_per_s'] / runs[0]['tokens_per_s']:.2f}" for r in runs[1:]]
     return {"ok": True, "parameters": n_params, "flops_per_token": flops_per_token, "peak_flops": peak, "runs": runs,
             "line": f"train {cfg.name} bf16 {args.batch}x{args.seq}, N={n_params / 1e6:.1f}M: " + "; ".join(parts)}
 
