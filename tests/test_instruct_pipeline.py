@@ -28,6 +28,7 @@ def sft_run(tmp_path_factory):
 def test_validation_loss_falls(sft_run):
     out, results = sft_run
     assert results["final_val_loss"] < results["initial_val_loss"] - 2.0
+    assert results["full_val_loss_after"] < results["full_val_loss_before"] - 2.0
     for name in ("run.json", "model.safetensors", "train.json", "validation.json", "test.json", "metrics.csv",
                  "loss.png", "loss.pdf", "results.json"):
         assert (out / name).is_file(), name

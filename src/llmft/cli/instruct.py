@@ -37,7 +37,8 @@ def train_cmd(**kwargs) -> None:
 
     cfg, lora = train_config(kwargs), lora_config(kwargs)
     results = train_instructions(InstructOptions(**kwargs, lora=lora, train=cfg))
-    click.echo(f"validation loss: {results['initial_val_loss']:.3f} -> {results['final_val_loss']:.3f}")
+    click.echo(f"validation loss (whole split): {results['full_val_loss_before']:.3f} -> "
+               f"{results['full_val_loss_after']:.3f}")
     click.echo(f"run saved to {kwargs['out']}")
 
 

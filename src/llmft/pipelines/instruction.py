@@ -29,7 +29,7 @@ from llmft.rundir import atomic_write_json, check_new_run_dir, read_json, staged
 from llmft.tokenizers import Tokenizer
 from llmft.training.freezing import count_parameters
 from llmft.training.lora import LoRAConfig, apply_lora, check_finetune
-from llmft.training.loop import Batch, TrainConfig, resolve_device, seed_everything, train
+from llmft.training.loop import Batch, TrainConfig, evaluate_loss, resolve_device, seed_everything, train
 from llmft.training.resources import peak_memory_mb
 from llmft.weights import load_pretrained
 
@@ -130,13 +130,17 @@ def train_instructions(opts: InstructOptions) -> dict[str, Any]:
     with staged_run_dir(opts.out, opts.overwrite) as run_dir:
         for name, data in zip(SPLITS, (train_data, val_data, test_data)):
             atomic_write_json(run_dir / f"{name}.json", data)
+        full_val_loss_before = evaluate_loss(model, task, val_loader, None, device, opts.train.precision)
         start = time.perf_counter()
         history = train(model, task, train_loader, val_loader, opts.train, run_dir)
+        train_seconds = time.perf_counter() - start
         steps = history.steps
         results = {"initial_train_loss": steps[0]["train_loss"], "initial_val_loss": steps[0]["val_loss"],
                    "final_train_loss": steps[-1]["train_loss"], "final_val_loss": steps[-1]["val_loss"],
-                   "train_seconds": round(time.perf_counter() - start, 2),
-                   "peak_memory_mb": peak_memory_mb(device), "tokens_seen": steps[-1]["tokens_seen"],
+                   "full_val_loss_before": full_val_loss_before,
+                   "full_val_loss_after": evaluate_loss(model, task, val_loader, None, device, opts.train.precision),
+                   "train_seconds": round(train_seconds, 2),
+                   "peak_memory_mb": peak_memory_mb(device), "tokens_seen": history.epochs[-1]["tokens_seen"],
                    "trainable_parameters": trainable, "source": pretrained.source}
         atomic_write_json(run_dir / "results.json", results)
         plot_values([s["epoch"] for s in steps], [s["tokens_seen"] for s in steps], [s["train_loss"] for s in steps],
