@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmft.cli.options import lora_config, lora_options, train_config, train_options
+from llmft.cli.options import lora_config, lora_options, run_options, train_config, train_options
 from llmft.training.freezing import TRAINABLE_POLICIES
 from llmft.training.heads import POOLINGS
 
@@ -17,9 +17,7 @@ def classify() -> None:
 
 
 @classify.command("train")
-@click.option("--model", default="gpt2-small", help="Registry name, HF folder or .gguf file.")
-@click.option("--data", default="sms-spam", help="Data set name or a CSV/TSV/JSONL file.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
+@run_options("gpt2-small", "sms-spam", "Data set name or a CSV/TSV/JSONL file.")
 @click.option("--text-column", default="text")
 @click.option("--label-column", default="label")
 @click.option("--validation-data", default=None, help="Use this file as validation split (with --test-data).")
@@ -33,11 +31,9 @@ def classify() -> None:
 @click.option("--trainable", default="last-block", type=click.Choice(list(TRAINABLE_POLICIES)),
               help="Layers trained with --finetune full.")
 @lora_options
-@click.option("--random-init", is_flag=True, help="Random weights instead of pretrained (tests, benchmarks).")
 @click.option("--book-compat", is_flag=True, help="The book's computation: fixed padding, token at -1.")
 @click.option("--activation-cache/--no-activation-cache", default=True,
               help="Compute the frozen layers once per example (automatic when exact).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @train_options(epochs=5, eval_freq=50, eval_iter=5)
 def train_cmd(**kwargs) -> None:
     """Fine-tune a classifier and print its accuracies."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmft.cli.options import lora_config, lora_options, train_config, train_options
+from llmft.cli.options import lora_config, lora_options, run_options, train_config, train_options
 
 
 @click.group()
@@ -15,9 +15,7 @@ def instruct() -> None:
 
 
 @instruct.command("train")
-@click.option("--model", default="gpt2-medium", help="Registry name, HF folder or .gguf file.")
-@click.option("--data", default="instruction-data", help="Data set name, or a JSON list / JSONL file.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
+@run_options("gpt2-medium", "instruction-data", "Data set name, or a JSON list / JSONL file.")
 @click.option("--prompt-style", default=None, help="alpaca, phi3, chatml, chat-template (default: the "
               "model's chat template, else alpaca).")
 @click.option("--instruction-key", default="instruction")
@@ -27,8 +25,6 @@ def instruct() -> None:
               "or the book's split of the file in order.")
 @click.option("--mask-prompt", is_flag=True, help="No loss on instruction and input tokens (exercise 7.2).")
 @click.option("--max-length", type=int, default=None, help="Truncate examples (default: the model's context).")
-@click.option("--random-init", is_flag=True, help="Random weights instead of pretrained (tests, benchmarks).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @lora_options
 @train_options(epochs=2, eval_freq=5, eval_iter=5)
 def train_cmd(**kwargs) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, get_type_hints
 
 import click
@@ -29,6 +30,24 @@ HELP = {
     "compile": "torch.compile forward + loss into one graph (GPU; slow to start on CPU).",
     "grad_checkpoint": "Recompute activations in backward: less memory for long sequences.",
 }
+
+
+def run_options(model: str, data: str, data_help: str):
+    """What every training command takes: the model, the data and the run directory."""
+    options = [
+        click.option("--model", default=model, show_default=True, help="Registry name, HF folder or .gguf file."),
+        click.option("--data", default=data, show_default=True, help=data_help),
+        click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to create."),
+        click.option("--random-init", is_flag=True, help="Random weights instead of pretrained (tests, benchmarks)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing run directory."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 def train_options(**defaults: Any):
