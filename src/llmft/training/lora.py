@@ -84,6 +84,14 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scaling * (self.dropout(x) @ self.A @ self.B)
 
+    def add_to(self, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """base_out + (alpha / rank) · dropout(x) A B with one output-sized result: the scale
+        goes into the small (…, rank) product and the add into the matmul (addmm), so a wide
+        layer such as a 49k-token output head makes no extra output-sized temporaries."""
+        xa = self.dropout(x) @ (self.A * self.scaling)
+        out = torch.addmm(base_out.reshape(-1, self.B.shape[1]), xa.reshape(-1, xa.shape[-1]), self.B)
+        return out.view(*x.shape[:-1], self.B.shape[1])
+
     def delta_weight(self) -> torch.Tensor:
         """The update in `nn.Linear` weight layout (out, in)."""
         return self.scaling * (self.A @ self.B).T
@@ -103,7 +111,7 @@ class LinearWithLoRA(nn.Module):
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, dropout, w.device, w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.lora(x)
+        return self.lora.add_to(self.linear(x), x)
 
 
 def check_finetune(mode: str) -> None:
