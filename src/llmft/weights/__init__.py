@@ -115,7 +115,7 @@ def _random_tokenizer(cfg: ModelConfig) -> Tokenizer:
         return GPT2Tokenizer.default()
     for other in MODEL_CONFIGS.values():
         if other.vocab_size == cfg.vocab_size and (path := _packaged_gguf(other.gguf_package)):
-            return _gguf().load_gguf(path)[2]
+            return _gguf().load_gguf_tokenizer(path)
     raise LlmftError(f"{cfg.name}: random_init needs a tokenizer with {cfg.vocab_size} tokens, "
                      "and no offline one matches (only the packaged SmolLM2 tokenizer, 49152, "
                      "is available without the hub)")

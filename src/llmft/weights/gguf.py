@@ -106,6 +106,11 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], HFToken
     return cfg, _state_dict(path, cfg, arch, tensors), tokenizer
 
 
+def load_gguf_tokenizer(path: Path) -> HFTokenizer:
+    """Only the tokenizer of a GGUF file: reads metadata, dequantizes no tensor."""
+    return gguf_tokenizer(_open(Path(path)), Path(path))
+
+
 def _open(path: Path) -> gguf.GGUFReader:
     try:
         with path.open("rb") as f:
