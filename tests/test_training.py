@@ -9,7 +9,7 @@ from llmft.data.classification import balance, label_names, split
 from llmft.data.sources import read_labelled_texts
 from llmft.models import build_model
 from llmft.pipelines.classification import ClassificationTask, make_loaders
-from llmft.training.activation_cache import cache_start, cached_loaders
+from llmft.training.activation_cache import ActivationStore, cache_start, cached_loaders, same_length_batches
 from llmft.training.freezing import apply_trainable
 from llmft.training.heads import SequenceClassifier
 from llmft.training.loop import TrainConfig, lr_at, train
@@ -30,7 +30,7 @@ def run(cfg, splits, tokenizer, use_cache, tmp_path=None, policy="last-block", e
     loaders = make_loaders(splits, tokenizer, labels, 64, 8, 123, None)
     start = cache_start(model) if use_cache else 0
     if start:
-        loaders = cached_loaders(model, loaders, tokenizer.eos_id, 123, torch.device("cpu"), start)
+        loaders = cached_loaders(model, loaders, 123, torch.device("cpu"), start)
     task = ClassificationTask(loaders["train"], loaders["validation"], 2, torch.device("cpu"), start)
     tc = TrainConfig(epochs=epochs, eval_freq=5, eval_iter=2, lr=1e-3, device="cpu")
     history = train(model, task, loaders["train"], loaders["validation"], tc, tmp_path, show_progress=False)
@@ -92,9 +92,27 @@ def test_cached_and_token_loaders_batch_identically_when_grouped(tiny_gpt2_confi
     apply_trainable(model.backbone, "last-block")
     labels = label_names(sms_splits)
     tokens = make_loaders(sms_splits, gpt2_tokenizer, labels, 64, 8, 7, None, group_by_length=True)
-    cached = cached_loaders(model, tokens, gpt2_tokenizer.eos_id, 7, torch.device("cpu"), 1, group_by_length=True)
+    cached = cached_loaders(model, tokens, 7, torch.device("cpu"), 1, group_by_length=True)
     a = [(b["labels"].tolist(), b["lengths"].tolist()) for b in tokens["train"]]
     b = [(b["labels"].tolist(), b["lengths"].tolist()) for b in cached["train"]]
     assert a == b and len(a) == len(sms_splits.train) // 8
     widths = [max(lengths) * len(lengths) for _, lengths in a]
     assert sum(widths) < 1.2 * sum(sum(lengths) for _, lengths in a)
+
+
+def test_same_length_batches_never_pad():
+    seqs = [(1, 2), (3,), (4, 5), (6, 7, 8), (9, 10), (11,)]
+    assert same_length_batches(seqs, max_tokens=4) == [[(3,), (11,)], [(1, 2), (4, 5)], [(9, 10)], [(6, 7, 8)]]
+
+
+def test_activation_store_computes_a_repeated_text_once(tiny_gpt2_config):
+    torch.manual_seed(0)
+    model = SequenceClassifier(build_model(tiny_gpt2_config), 2).eval()
+    apply_trainable(model.backbone, "last-block")
+    store = ActivationStore(model, [[5, 6, 7], [8, 9], [5, 6, 7], [8, 9, 10, 11]], 1, torch.device("cpu"))
+    assert store.states.shape == (3 + 2 + 4, 64)
+    b = model.backbone
+    ids = torch.tensor([[8, 9, 10, 11]])
+    expected = b.run_blocks(b.embed(ids, b.default_positions(ids, None)), b.default_positions(ids, None), stop=1)
+    begin, end = store.spans[(8, 9, 10, 11)]
+    torch.testing.assert_close(torch.from_numpy(store.states[begin:end]), expected[0].detach())

@@ -26,7 +26,7 @@ def classify() -> None:
 @click.option("--train-frac", default=0.7, type=float)
 @click.option("--val-frac", default=0.1, type=float)
 @click.option("--max-length", default=None, type=int, help="Tokens per text (default: longest training text).")
-@click.option("--class-token", "pooling", default="last", type=click.Choice(list(POOLINGS)),
+@click.option("--class-token", "pooling", default="last", type=click.Choice(POOLINGS),
               help="Which hidden state the head reads.")
 @click.option("--trainable", default="last-block", type=click.Choice(list(TRAINABLE_POLICIES)),
               help="Layers trained with --finetune full.")

@@ -38,6 +38,12 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def take_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, j]] for every row b: (B, T, ...) -> (B, K, ...)."""
+    index = index.view(*index.shape, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, index)
+
+
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate pairs (i, i + d/2) of x (B, H, T, d) by position-dependent angles (RoFormer)."""
     cos, sin = (t.unsqueeze(1).to(x.dtype) for t in rope)
@@ -59,24 +65,41 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
-                cache_pos: int | None) -> torch.Tensor:
+                cache_pos: int | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention outputs (B, T, C) at every position, or (B, K, C) at positions `keep` (B, K)
+        only: keys and values still cover every position, queries only the kept ones."""
         B, T, _ = x.shape
-        q = self.query(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        xq, q_rope = x, rope
+        if keep is not None:
+            xq = take_positions(x, keep)
+            q_rope = None if rope is None else tuple(take_positions(t, keep) for t in rope)
+            mask = self.kept_mask(keep, T, cache_pos or 0, mask)
+        Tq = xq.shape[1]
+        q = self.query(xq).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.key(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.value(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = apply_rope(q, q_rope), apply_rope(k, rope)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)
         S = k.shape[2]
         if mask is None and 1 < T < S:  # chunked prefill: causal, shifted by the cached prefix
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q, k, v, attn_mask=mask, is_causal=mask is None and Tq > 1,
             dropout_p=self.drop_rate if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.proj(y.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim))
+
+    @staticmethod
+    def kept_mask(keep: torch.Tensor, T: int, cache_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """The (B, 1, K, S) rows of the attention mask for the kept queries: a given mask's rows,
+        else causal (a query sees the cached prefix and the tokens up to itself)."""
+        if mask is not None:
+            return mask.gather(2, keep[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+        slots = torch.arange(cache_pos + T, device=keep.device)
+        return (slots <= cache_pos + keep.unsqueeze(-1)).unsqueeze(1)
 
 
 class Block(nn.Module):
@@ -88,8 +111,10 @@ class Block(nn.Module):
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
-                cache_pos: int | None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.attn(self.norm1(x), rope, mask, cache_pos))
+                cache_pos: int | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), or (B, K, C) at positions `keep` only (see `run_blocks`)."""
+        attended = self.attn(self.norm1(x), rope, mask, cache_pos, keep)
+        x = (x if keep is None else take_positions(x, keep)) + self.drop_shortcut(attended)
         return x + self.drop_shortcut(self.mlp(self.norm2(x)))
 
 
@@ -151,14 +176,23 @@ class DecoderLM(nn.Module):
         return self.drop_emb(x if pos is None else x + pos)
 
     def run_blocks(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                   cache_pos: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Apply blocks[start:stop] to hidden states x (the activation cache resumes here)."""
+                   cache_pos: int | None = None, start: int = 0, stop: int | None = None,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply blocks[start:stop] to hidden states x (the activation cache resumes here).
+
+        `keep` (B, K): the only positions whose outputs the caller reads (a classifier's token).
+        The last block then runs its queries, projection and MLP on those K positions alone,
+        (B, K, C) out: exact, since no later layer reads the other positions, and for the book's
+        recipe (last block trainable, rest cached) it cuts the per-step work about fivefold.
+        """
         rope = self.rope(positions)
-        for block in self.blocks[start:stop]:
+        blocks = self.blocks[start:stop]
+        for i, block in enumerate(blocks):
+            args = (x, rope, mask, cache_pos, keep if i == len(blocks) - 1 else None)
             if self.grad_checkpoint and self.training:
-                x = checkpoint(block, x, rope, mask, cache_pos, use_reentrant=False)
+                x = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache_pos)
+                x = block(*args)
         return x
 
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,

