@@ -8,8 +8,9 @@ use), last block + final norm + new head trainable, AdamW lr 5e-5, batch 8, loss
 batches every 50 steps, accuracies on 5 batches after each epoch, then full accuracies on
 every split. The book's computation pads every text to the longest training text and reads
 position -1, recomputing all 12 blocks each step; ours pads each batch to its own longest
-text, reads the last real token and computes the 11 frozen blocks once per example
-(activation cache). Same data, same number of optimizer steps.
+text, reads the last real token, computes the 11 frozen blocks once per distinct text
+(activation cache) and runs the trainable last block's queries and MLP at the class token
+only. Same data, same number of optimizer steps.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 from common import QUICK_OVERRIDES, Section, median, peak_memory, ratio_cell, run_interleaved, timed
 
 VARIANTS = {"book-compat": "book: every text padded to max length, token at -1, no cache",
-            "default": "llmft default: per-batch padding, last real token, activation cache"}  # baseline first
+            "default": "llmft default: per-batch padding, last real token, activation cache, "
+                       "last block at that token only"}  # baseline first
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

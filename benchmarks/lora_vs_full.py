@@ -3,13 +3,16 @@ seconds per optimizer step, printed as a markdown table.
 
     python benchmarks/lora_vs_full.py                       # SmolLM2-360M shape, 4 layers, CPU: a few minutes
     python benchmarks/lora_vs_full.py --layers 32 --device cuda --steps 20
+    python benchmarks/lora_vs_full.py --task classification --seq 120   # the book's appendix E shape
 
 Both variants build the same seeded random model (registry config, `--layers` blocks), see the
-same batch of random token ids and compute the same loss: next-token cross-entropy over every
-position (instruction fine-tuning's computation), AdamW (lr 5e-5, weight decay 0.1, the loop's
-`make_optimizer`), fp32. Full fine-tuning trains every parameter; LoRA freezes them all and
-trains rank-r adapters on the `--lora-targets` layers (default every Linear, as the book).
-Warm-up steps are not timed; s/step is the median timed step.
+same batch of random token ids and compute the same loss, AdamW (lr 5e-5, weight decay 0.1,
+the loop's `make_optimizer`), fp32. `--task next-token`: cross-entropy over every position
+(instruction fine-tuning's computation); `--task classification`: a 2-class head on the last
+token, random labels (the spam classifier's computation, through the pipeline's `surgery`).
+Full fine-tuning trains every parameter; LoRA freezes them all and trains rank-r adapters on
+the `--lora-targets` layers (default every Linear, as the book) plus, for classification, the
+new head. Warm-up steps are not timed; s/step is the median timed step.
 
 Peak memory is a per-process high-water mark on CPU (`ru_maxrss`), so each variant runs in its
 own fresh process (this script, re-launched with `--variant`), and the table also gives the
@@ -36,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-360m", help="registry config (random weights)")
     p.add_argument("--layers", type=int, default=4, help="transformer blocks (the registry's count: 0)")
+    p.add_argument("--task", choices=("next-token", "classification"), default="next-token")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128, help="tokens per row")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps")
@@ -57,7 +61,9 @@ def measure(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from llmft.models import build_model, get_config
+    from llmft.pipelines.classification import ClassifyOptions, surgery
     from llmft.training.freezing import count_parameters
+    from llmft.training.heads import SequenceClassifier
     from llmft.training.loop import TrainConfig, make_optimizer
     from llmft.training.lora import LoRAConfig, apply_lora
     from llmft.training.resources import peak_memory_mb
@@ -69,17 +75,31 @@ def measure(args: argparse.Namespace) -> dict:
     cfg = get_config(args.model)
     cfg = cfg.with_(n_layers=args.layers) if args.layers else cfg
     torch.manual_seed(args.seed)
-    model = build_model(cfg).to(device).train()
-    if args.variant == "lora":
-        apply_lora(model, LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets))
+    lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
+    if args.task == "classification":
+        model = SequenceClassifier(build_model(cfg), num_classes=2)
+        surgery(model, ClassifyOptions(finetune=args.variant, trainable="all", lora=lora))
+        labels = torch.randint(0, 2, (args.batch,), generator=gen).to(device)
+        lengths = torch.full((args.batch,), args.seq, device=device)
+
+        def loss_fn() -> torch.Tensor:
+            return F.cross_entropy(model(ids[:, :-1], lengths), labels)
+    else:
+        model = build_model(cfg)
+        if args.variant == "lora":
+            apply_lora(model, lora)
+
+        def loss_fn() -> torch.Tensor:
+            return F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    model.to(device).train()
     trainable, total = count_parameters(model)
     optimizer = make_optimizer(model, TrainConfig(lr=5e-5, weight_decay=0.1), device)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1),
-                        generator=torch.Generator().manual_seed(args.seed)).to(device)
 
     def step() -> float:
         start = time.perf_counter()
-        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -136,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             runs[variant].append(run_variant(variant, argv))
     results = [pool(runs[v]) for v in VARIANTS]
     r = results[0]
-    print(f"{r['config']} with {args.layers or 'all'} layers ({r['total']:,} parameters, random init), "
+    print(f"{args.task}: {r['config']} with {args.layers or 'all'} layers ({r['total']:,} parameters, random init), "
           f"batch {args.batch} x {args.seq} tokens, {args.device}, {r['threads']} torch threads, "
           f"{args.rounds} process(es) per variant x ({args.warmup} warm-up + {args.steps} timed steps); "
           f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g}, targets {args.lora_targets}; "

@@ -2,7 +2,7 @@
 
 When every trainable parameter sits in block k or later and the frozen blocks before it are
 deterministic (no dropout), their output for an example never changes during training. We
-compute it once per example and train/evaluate blocks[k:] on it for every epoch and every
+compute it once per distinct text and train/evaluate blocks[k:] on it for every epoch and every
 evaluation: the book's recipe (last block trainable) then runs 1 block of 12 per step instead
 of 12. Rows are stored unpadded (causal attention makes a real token's state independent of
 the padding after it), in memory or, above `max_memory_bytes`, in a memory-mapped file. The
