@@ -10,6 +10,8 @@ freezing, LoRA, the activation cache, generation) relies on these names:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,6 +78,8 @@ class CausalSelfAttention(nn.Module):
             mask = self.kept_mask(keep, T, cache_pos or 0, mask)
         Tq = xq.shape[1]
         q = self.query(xq).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)
+        if keep is not None and self.can_absorb(rope, cache_pos, Tq):
+            return self.proj(self.absorbed_attention(q, x, mask))
         k = self.key(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.value(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
@@ -91,6 +95,39 @@ class CausalSelfAttention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.proj(y.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim))
+
+    def can_absorb(self, rope: Rope | None, cache_pos: int | None, Tq: int) -> bool:
+        """Few queries (cheaper than keys and values for all), no rotary positions, no cache,
+        plain key/value weights (not LoRA-wrapped), no attention dropout."""
+        if rope is not None or cache_pos is not None or (self.training and self.drop_rate > 0):
+            return False
+        plain = type(self.key) is nn.Linear and type(self.value) is nn.Linear
+        return plain and Tq * self.n_heads < self.key.in_features
+
+    def absorbed_attention(self, q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention for a few queries q (B, H, K, d) without computing keys and values.
+
+        A query's score against position t is q·(W_k x_t + b_k) = (W_k^T q)·x_t + q·b_k (the last
+        term is the same for every t). Its output is sum_t p_t (W_v x_t + b_v)
+        = W_v (sum_t p_t x_t) + b_v. So project each query into the model dimension instead of
+        every position into keys and values: O(T·H·C) per query instead of O(T·C²) (DeepSeek-V2's
+        "weight absorption"). Needs positions that don't rotate keys (GPT-2's learned ones).
+        """
+        B, H, K, d = q.shape
+        C = x.shape[-1]
+        repeat = H // self.n_kv_heads
+        w_k = self.key.weight.view(self.n_kv_heads, d, C).repeat_interleave(repeat, 0)
+        w_v = self.value.weight.view(self.n_kv_heads, d, C).repeat_interleave(repeat, 0)
+        scores = torch.einsum("bhkc,btc->bhkt", torch.einsum("bhkd,hdc->bhkc", q, w_k), x)
+        if self.key.bias is not None:  # softmax ignores it; kept so b_k still gets its (zero) gradient
+            b_k = self.key.bias.view(self.n_kv_heads, d).repeat_interleave(repeat, 0)
+            scores = scores + torch.einsum("bhkd,hd->bhk", q, b_k).unsqueeze(-1)
+        scores = scores / math.sqrt(d)
+        p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        y = torch.einsum("bhkc,hdc->bkhd", torch.einsum("bhkt,btc->bhkc", p, x), w_v)
+        if self.value.bias is not None:
+            y = y + self.value.bias.view(self.n_kv_heads, d).repeat_interleave(repeat, 0)
+        return y.reshape(B, K, H * d)
 
     @staticmethod
     def kept_mask(keep: torch.Tensor, T: int, cache_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
