@@ -114,19 +114,18 @@ class CausalSelfAttention(nn.Module):
         "weight absorption"). Needs positions that don't rotate keys (GPT-2's learned ones).
         """
         B, H, K, d = q.shape
-        C = x.shape[-1]
-        repeat = H // self.n_kv_heads
-        w_k = self.key.weight.view(self.n_kv_heads, d, C).repeat_interleave(repeat, 0)
-        w_v = self.value.weight.view(self.n_kv_heads, d, C).repeat_interleave(repeat, 0)
-        scores = torch.einsum("bhkc,btc->bhkt", torch.einsum("bhkd,hdc->bhkc", q, w_k), x)
+
+        def per_query_head(t: torch.Tensor) -> torch.Tensor:
+            """A key/value weight (H_kv·d, C) or bias (H_kv·d,) as (H, d, ...): GQA shares it."""
+            return t.view(self.n_kv_heads, d, *t.shape[1:]).repeat_interleave(H // self.n_kv_heads, 0)
+
+        scores = torch.einsum("bhkc,btc->bhkt", torch.einsum("bhkd,hdc->bhkc", q, per_query_head(self.key.weight)), x)
         if self.key.bias is not None:  # softmax ignores it; kept so b_k still gets its (zero) gradient
-            b_k = self.key.bias.view(self.n_kv_heads, d).repeat_interleave(repeat, 0)
-            scores = scores + torch.einsum("bhkd,hd->bhk", q, b_k).unsqueeze(-1)
-        scores = scores / math.sqrt(d)
-        p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        y = torch.einsum("bhkc,hdc->bkhd", torch.einsum("bhkt,btc->bhkc", p, x), w_v)
+            scores = scores + torch.einsum("bhkd,hd->bhk", q, per_query_head(self.key.bias)).unsqueeze(-1)
+        p = torch.softmax((scores / math.sqrt(d)).masked_fill(~mask, float("-inf")), dim=-1)
+        y = torch.einsum("bhkc,hdc->bkhd", torch.einsum("bhkt,btc->bhkc", p, x), per_query_head(self.value.weight))
         if self.value.bias is not None:
-            y = y + self.value.bias.view(self.n_kv_heads, d).repeat_interleave(repeat, 0)
+            y = y + per_query_head(self.value.bias)
         return y.reshape(B, K, H * d)
 
     @staticmethod

@@ -66,7 +66,7 @@ class LoRAConfig:
 
 
 class LoRALayer(nn.Module):
-    """The update alone: (alpha / rank) · dropout(x) A B."""
+    """The update (alpha / rank) · dropout(x) A B, added onto a base layer's output by `add_to`."""
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, dropout: float = 0.0,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
@@ -80,9 +80,6 @@ class LoRALayer(nn.Module):
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling * (self.dropout(x) @ self.A @ self.B)
 
     def add_to(self, base_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """base_out + (alpha / rank) · dropout(x) A B with one output-sized result: the scale
