@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data in ../shared/data, tiny model configs, no network."""
+"""Shared fixtures: the real data ($LLMFT_DATA_DIR, else ../shared/data), tiny model configs, no network."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from llmft.models import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("LLMFT_DATA_DIR", "").split(os.pathsep)[0] or ROOT.parent / "shared" / "data")
 SMS = DATA / "sms-spam-collection" / "SMSSpamCollection"
 INSTRUCTIONS = DATA / "instruction-data" / "instruction-data.json"
 GPT2_BPE = DATA / "gpt2-tokenizer"
