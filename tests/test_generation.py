@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from llmft.generation import attention_mask, generate, generate_tokens, sample_n
 from llmft.models import build_model, get_config
 from llmft.tokenizers import GPT2Tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import DATA  # noqa: E402  ($LLMFT_DATA_DIR or ../shared/data)
 CONFIGS = {
     "gpt2": get_config("gpt2-small").with_(n_layers=2, emb_dim=64, n_heads=4, context_length=128),
     "llama": get_config("smollm2-135m").with_(n_layers=2, emb_dim=64, n_heads=4, n_kv_heads=2,

@@ -1,6 +1,5 @@
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from llmft.errors import LlmftError
 from llmft.prompts import format_input
 from llmft.tokenizers import GPT2Tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.conftest import DATA  # noqa: E402  ($LLMFT_DATA_DIR or ../shared/data)
 PAD = 50256
 
 

@@ -23,8 +23,8 @@ from llmft.weights import load_pretrained
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GPT2_FILES = SHARED_DATA / "gpt2-tokenizer"
+from tests.conftest import DATA  # noqa: E402  ($LLMFT_DATA_DIR or ../shared/data)
+GPT2_FILES = DATA / "gpt2-tokenizer"
 TINY_LLAMA = ModelConfig(name="tiny-llama", architecture="llama", vocab_size=96, context_length=64,
                          emb_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
                          norm_eps=1e-6, tie_embeddings=True, hub_id="test-org/tiny-llama")
@@ -185,7 +185,7 @@ def test_gguf_path(fake_gguf: SimpleNamespace) -> None:
 def test_random_init_gpt2(monkeypatch: pytest.MonkeyPatch) -> None:
     if not GPT2_FILES.is_dir():
         pytest.skip("shared/data/gpt2-tokenizer is not present")
-    monkeypatch.setenv("LLMFT_DATA_DIR", str(SHARED_DATA))
+    monkeypatch.setenv("LLMFT_DATA_DIR", str(DATA))
     tiny = MODEL_CONFIGS["gpt2-small"].with_(name="tiny-gpt2", emb_dim=64, n_layers=1, n_heads=2,
                                              hidden_dim=0, head_dim=0)
     monkeypatch.setitem(MODEL_CONFIGS, "tiny-gpt2", tiny)
