@@ -23,6 +23,7 @@ from llmft.data.instruction import (
 from llmft.errors import LlmftError
 from llmft.evaluation.metrics import score_responses
 from llmft.generation import generate
+from llmft.models.prepacked import prepacked_linears
 from llmft.plots import plot_values
 from llmft.prompts import PromptStyle, default_prompt_style, get_prompt_style
 from llmft.rundir import atomic_write_json, check_new_run_dir, read_json, staged_run_dir
@@ -199,7 +200,8 @@ def respond(source: str | Path, split: str | None = "test", data: str | None = N
     model, tokenizer, style = load_chat_model(str(source), device, compile)
     todo = [i for i, e in enumerate(entries) if "model_response" not in e]
     todo.sort(key=lambda i: len(style.format(entries[i])))  # similar lengths share a batch
-    with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar:
+    with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar, \
+            prepacked_linears(model):  # the weights packed once for every batch
         for s in range(0, len(todo), batch_size):
             rows = todo[s:s + batch_size]
             for i, text in zip(rows, answer(model, tokenizer, style, [entries[i] for i in rows],
