@@ -3,8 +3,11 @@ import pytest
 import torch
 
 from llmft.errors import LlmftError
-from llmft.generation import attention_mask, generate, generate_tokens, sample_next_token
+from llmft import generation
+from llmft.generation import attention_mask, generate, generate_tokens, prompt_lookup_draft, sample_next_token
 from llmft.models import build_model, get_config
+from llmft.models.prepacked import can_prepack, prepacked_linears
+from llmft.training.lora import LoRAConfig, apply_lora
 from llmft.tokenizers import GPT2Tokenizer
 
 from tests.conftest import DATA  # noqa: E402  ($LLMFT_DATA_DIR or ../shared/data)
@@ -165,3 +168,59 @@ def test_sample_next_token_filters():
     counts = torch.bincount(sample_next_token(logits, 1.0, generator=gen), minlength=4) / 2000
     torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
     assert sample_next_token(logits[:1], 0.0).tolist() == [0]
+
+
+def test_prompt_lookup_draft():
+    tokens = [5, 6, 7, 8, 9, 5, 6]
+    assert prompt_lookup_draft(tokens, 3) == [7, 8, 9]  # "5 6" seen before: what followed it
+    assert prompt_lookup_draft(tokens, 7) == [7, 8, 9, 5, 6, 7, 8]  # looked up again from the guess's end
+    assert prompt_lookup_draft([1, 2, 9, 1, 2, 7, 1, 2], 2) == [7, 1]  # the latest occurrence wins
+    assert prompt_lookup_draft([3, 1, 2, 4, 1, 2, 3, 1, 2], 2) == [4, 1]  # "3 1 2" beats the later "1 2"
+    assert prompt_lookup_draft([1, 2, 3], 3) == [3, 3, 3]  # nothing matches: the last token again
+    assert prompt_lookup_draft(tokens, 0) == []
+
+
+def test_guessed_tokens_keep_the_greedy_output(model, monkeypatch):
+    """Steps that verify guesses (right ones, then a wrong one) give exactly the one-token-per-
+    step output, in fewer forward passes; also for the last row left of a batch."""
+    reference = {tuple(p): generate_tokens(model, [p], 16, draft_tokens=0)[0] for p in PROMPTS}
+
+    def oracle(tokens, max_tokens):  # the next two true tokens, then a wrong one
+        prompt = next(p for p in reference if tuple(tokens[:len(p)]) == p)
+        done = len(tokens) - len(prompt)
+        truth = reference[prompt][done:done + 2]
+        return (truth + [(truth[-1] + 1) % 1000 if truth else 1])[:max_tokens]
+
+    monkeypatch.setattr(generation, "prompt_lookup_draft", oracle)
+    passes = []
+    hook = model.final_norm.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        for p in PROMPTS:
+            passes.clear()
+            assert generate_tokens(model, [p], 16) == [reference[tuple(p)]]
+            assert len(passes) <= 1 + 16 // 3 + 1  # prefill, then three tokens a pass
+        eos = reference[tuple(PROMPTS[1])][2]
+        expected = [r[:r.index(eos)] if eos in r else r for r in reference.values()]
+        assert generate_tokens(model, PROMPTS, 16, eos_ids=[eos]) == expected
+    finally:
+        hook.remove()
+
+
+@pytest.mark.skipif(not can_prepack(chaotic_model("llama", torch.float32)), reason="needs oneDNN on CPU")
+def test_prepacked_linears_match_and_restore():
+    model = chaotic_model("llama", torch.float32)
+    apply_lora(model, LoRAConfig(targets=("query",)))
+    linears = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    ids = torch.tensor([PROMPTS[0], PROMPTS[3] + [1] * 10])
+    with torch.no_grad():
+        expected = model(ids)
+        with prepacked_linears(model):
+            assert not any(type(m) is torch.nn.Linear for m in model.modules())
+            torch.testing.assert_close(model(ids), expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model.out_head(model.hidden_states(ids)[:, -1]), expected[:, -1],
+                                       rtol=1e-4, atol=1e-4)  # a non-contiguous input
+    assert {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear} == linears
+    with pytest.raises(RuntimeError, match="boom"), prepacked_linears(model):
+        raise RuntimeError("boom")
+    assert {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear} == linears
+    assert generate_tokens(model, PROMPTS, 12, prepack=True) == generate_tokens(model, PROMPTS, 12, prepack=False)

@@ -28,8 +28,8 @@ from llmft.models.prepacked import prepacked_linears
 # decoded at 38 ms/token with it and 3.4 ms/token without it.
 DECODE_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Guessed tokens verified per greedy single-row step (see generate_tokens): SmolLM2-135M-Instruct
-# answering 16 of the book's instructions on one CPU thread took 46.6 s with 3, 49-51 s with 6 or 7
-# and 61.2 s with none (oneDNN verifies 4 positions about as fast as 1; a longer guess is rarely kept).
+# answering 16 of the book's instructions on one CPU thread took about 46 s with 3 (49-51 s with 6
+# or 7, 61 s with none); oneDNN runs 4 positions no slower than 1, and longer guesses are rarely kept.
 DRAFT_TOKENS = 3
 
 
@@ -99,22 +99,31 @@ def crop_prompt(ids: Sequence[int], context_length: int, max_new_tokens: int) ->
     return list(ids[-room:])
 
 
-def prompt_lookup_draft(tokens: Sequence[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
-    """A guess of the next tokens: what followed the latest earlier occurrence of the last n
-    tokens (n = max_ngram down to 1), up to `max_tokens` of it; [] when nothing matches.
-
-    Answers to instructions copy from their prompt (names, phrases, the sentence to rewrite) and
-    from themselves, and such a guess costs no model ("prompt lookup decoding", Saxena, 2023).
-    """
+def _continuation(tokens: Sequence[int], max_tokens: int, max_ngram: int) -> list[int]:
+    """What followed the latest earlier occurrence of the last n tokens (n = max_ngram down
+    to 1), up to `max_tokens` of it; [] when nothing matches."""
     L = len(tokens)
-    if max_tokens < 1:
-        return []
     for n in range(min(max_ngram, L - 1), 0, -1):
         tail = list(tokens[L - n:])
         for i in range(L - n - 1, -1, -1):
             if list(tokens[i:i + n]) == tail:
                 return list(tokens[i + n:i + n + max_tokens])
     return []
+
+
+def prompt_lookup_draft(tokens: Sequence[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+    """A guess of the next `max_tokens` tokens, without a model ("prompt lookup decoding",
+    Saxena, 2023): what followed the latest earlier occurrence of the last few tokens, looked
+    up again from the guess's end while it is short, the last token repeated where nothing
+    matches. Answers to instructions copy from their prompt (names, the sentence to rewrite)
+    and from themselves; and a CPU verifies 4 positions no slower than 1 (see
+    `generate_tokens`), so a full-length guess costs nothing even when it is wrong.
+    """
+    draft: list[int] = []
+    while len(draft) < max_tokens:
+        seen = [*tokens, *draft]
+        draft += _continuation(seen, max_tokens - len(draft), max_ngram) or seen[-1:]
+    return draft
 
 
 def _take(row_out: list[int], tokens: Sequence[int], eos: set[int], max_new_tokens: int,

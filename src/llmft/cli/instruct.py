@@ -47,13 +47,15 @@ def train_cmd(**kwargs) -> None:
 @click.option("--batch-size", default=8)
 @click.option("--device", default="auto")
 @click.option("--compile", is_flag=True, help="torch.compile the blocks (GPU).")
+@click.option("--prepack/--no-prepack", default=True, help="CPU: multiply by oneDNN-prepacked copies of the "
+              "weights (faster; a second copy of the Linear weights in memory while answering).")
 def respond_cmd(source: str, split: str, data: str | None, out: Path | None, max_new_tokens: int,
-                batch_size: int, device: str, compile: bool) -> None:
+                batch_size: int, device: str, compile: bool, prepack: bool) -> None:
     """Answer every entry with a run (SOURCE = run directory) or a model before fine-tuning
     (SOURCE = model name or path, with --data); rerunning continues where it stopped."""
     from llmft.pipelines.instruction import reference_scores, respond
 
-    path = respond(source, split, data, out, max_new_tokens, batch_size, device, compile)
+    path = respond(source, split, data, out, max_new_tokens, batch_size, device, compile, prepack)
     click.echo(f"responses saved to {path}")
     print_reference_scores(reference_scores(path))
 

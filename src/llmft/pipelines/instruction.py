@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,13 +176,15 @@ def load_chat_model(run_or_model: str, device: str = "auto",
 
 
 def respond(source: str | Path, split: str | None = "test", data: str | None = None, out: Path | None = None,
-            max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto", compile: bool = False) -> Path:
+            max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto", compile: bool = False,
+            prepack: bool = True) -> Path:
     """Answer every entry of a run's split (or of a data file) into JSON with a
     `model_response` per entry. `source` is a run directory or, to score a model before
     fine-tuning, a model spec (then `data` names the entries, e.g. RUN/test.json).
 
     The file is rewritten atomically after each batch, so an interrupted run loses at most
-    one batch, and a rerun answers only the entries still missing a response.
+    one batch, and a rerun answers only the entries still missing a response. `prepack`: see
+    `generation.generate_tokens`.
     """
     run_dir = Path(source)
     is_run = (run_dir / RUN_FILE).is_file()
@@ -201,11 +204,11 @@ def respond(source: str | Path, split: str | None = "test", data: str | None = N
     todo = [i for i, e in enumerate(entries) if "model_response" not in e]
     todo.sort(key=lambda i: len(style.format(entries[i])))  # similar lengths share a batch
     with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar, \
-            prepacked_linears(model):  # the weights packed once for every batch
+            prepacked_linears(model) if prepack else nullcontext():  # the weights packed once for every batch
         for s in range(0, len(todo), batch_size):
             rows = todo[s:s + batch_size]
             for i, text in zip(rows, answer(model, tokenizer, style, [entries[i] for i in rows],
-                                            max_new_tokens, batch_size)):
+                                            max_new_tokens, batch_size, prepack=prepack)):
                 entries[i]["model_response"] = text
             atomic_write_json(out, entries)
             bar.update(len(rows))
