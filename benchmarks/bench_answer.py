@@ -139,7 +139,7 @@ def run(args) -> Section:
                  "new tokens/s", "speed vs transformers", memory_header(args.device), "answers equal to transformers'"],
         rows=rows,
         notes=["llmft's default: Linear weights prepacked for oneDNN while generating, and for a single row "
-               "(batch 1, or the last row left of a batch) up to 3 prompt-lookup guesses verified per step. "
+               "(batch 1, or the last row left of a batch) 3 prompt-lookup guesses verified per step. "
                "Greedy either way; \"answers equal\" compares token ids: fp32 rounding (another GEMM, several "
                "positions per pass) can flip a near-tie, after which an answer goes its own way."],
         raw=raw,
