@@ -7,7 +7,8 @@ from llmft.cli import main
 pytestmark = pytest.mark.slow
 
 
-def test_chat_with_the_offline_model(capsys):
+@pytest.mark.parametrize("prepack", ["--prepack", "--no-prepack"])
+def test_chat_with_the_offline_model(capsys, prepack):
     assert main(["generate", "--model", "smollm2-135m-instruct", "What is the capital of France?",
-                 "--max-new-tokens", "20", "--device", "cpu"]) == 0
+                 "--max-new-tokens", "20", "--device", "cpu", prepack]) == 0
     assert capsys.readouterr().out.strip() == "The capital of France is Paris."

@@ -58,7 +58,10 @@ def test_respond_resumes_and_scores(sft_run, capsys):
 def test_cli_generate_and_local_judge(sft_run, capsys):
     out, _ = sft_run
     assert main(["generate", str(out), "Name a color.", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.count("\n") >= 1
+    printed = capsys.readouterr().out
+    assert printed.count("\n") >= 1
+    assert main(["generate", str(out), "Name a color.", "--max-new-tokens", "5", "--no-prepack"]) == 0
+    assert capsys.readouterr().out == printed
     responses = out / "test-responses.json"
     if not responses.exists():
         respond(out, "test", max_new_tokens=4, device="cpu")

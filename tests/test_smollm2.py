@@ -128,3 +128,23 @@ def test_logits_match_transformers(model, hf_model, tokenizer, text):
     with torch.no_grad():
         ours, theirs = model(idx), hf_model(idx).logits
     assert (ours - theirs).abs().max().item() < 1e-3
+
+
+@pytest.mark.slow
+def test_guesses_and_prepacked_weights_keep_a_real_answer(model, tokenizer):
+    """A real model rewriting a sentence copies from its prompt: the prompt-lookup guesses save
+    forward passes, and neither they nor the prepacked weights change the greedy answer."""
+    from llmft.generation import generate_tokens
+
+    question = [{"role": "user", "content": "Rewrite the sentence in passive voice: The chef cooked the meal."}]
+    prompt = tokenizer.encode(render_chat(tokenizer.chat_template, question))
+    passes = []
+    hook = model.final_norm.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        plain = generate_tokens(model, [prompt], 40, eos_ids=[tokenizer.eos_id], draft_tokens=0, prepack=False)[0]
+        plain_passes, passes[:] = len(passes), []
+        fast = generate_tokens(model, [prompt], 40, eos_ids=[tokenizer.eos_id])[0]
+    finally:
+        hook.remove()
+    assert fast == plain and "meal" in tokenizer.decode(plain)
+    assert len(passes) < plain_passes - 2

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from llmft.cli.options import lora_config, lora_options, run_options, train_config, train_options
+from llmft.cli.options import (
+    lora_config, lora_options, prepack_option, run_options, train_config, train_options,
+)
 
 
 @click.group()
@@ -47,8 +49,7 @@ def train_cmd(**kwargs) -> None:
 @click.option("--batch-size", default=8)
 @click.option("--device", default="auto")
 @click.option("--compile", is_flag=True, help="torch.compile the blocks (GPU).")
-@click.option("--prepack/--no-prepack", default=True, help="CPU: multiply by oneDNN-prepacked copies of the "
-              "weights (faster; a second copy of the Linear weights in memory while answering).")
+@prepack_option
 def respond_cmd(source: str, split: str, data: str | None, out: Path | None, max_new_tokens: int,
                 batch_size: int, device: str, compile: bool, prepack: bool) -> None:
     """Answer every entry with a run (SOURCE = run directory) or a model before fine-tuning
@@ -94,8 +95,10 @@ def judge_cmd(responses: Path, judge_spec: str, judge_url: str | None, out: Path
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default="auto")
 @click.option("--compile", is_flag=True, help="torch.compile the blocks (GPU).")
+@prepack_option
 def generate(args: tuple[str, ...], model: str | None, max_new_tokens: int, temperature: float,
-             top_k: int | None, top_p: float | None, seed: int | None, device: str, compile: bool) -> None:
+             top_k: int | None, top_p: float | None, seed: int | None, device: str, compile: bool,
+             prepack: bool) -> None:
     """Answer prompts: `llmft generate RUN PROMPT...` or `llmft generate --model NAME PROMPT...`."""
     from llmft.errors import LlmftError
     from llmft.pipelines.instruction import answer, load_chat_model
@@ -106,5 +109,5 @@ def generate(args: tuple[str, ...], model: str | None, max_new_tokens: int, temp
     lm, tokenizer, style = load_chat_model(source, device, compile)
     entries = [{"instruction": p, "input": ""} for p in prompts]
     for text in answer(lm, tokenizer, style, entries, max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed):
+                       top_p=top_p, seed=seed, prepack=prepack):
         click.echo(text)

@@ -97,3 +97,9 @@ def lora_config(kwargs: dict[str, Any]) -> LoRAConfig:
     """Pop the --lora-* options out of a command's keyword arguments."""
     return LoRAConfig(rank=kwargs.pop("lora_rank"), alpha=kwargs.pop("lora_alpha"),
                       dropout=kwargs.pop("lora_dropout"), targets=kwargs.pop("lora_targets"))
+
+
+prepack_option = click.option(
+    "--prepack/--no-prepack", default=True,
+    help="CPU: multiply by oneDNN-prepacked copies of the Linear weights while generating (faster; "
+         "a second copy of those weights in memory meanwhile).")
