@@ -55,18 +55,16 @@ def _answerer(spec: dict[str, Any]):
 
         return answer
 
-    from contextlib import nullcontext
-
-    from llmft.generation import generate_tokens
+    from llmft.generation import DRAFT_TOKENS, generate_tokens
     from llmft.models.prepacked import prepacked_linears
 
     model = load_ours(spec["weights"], device).eval()
     default = spec["impl"] == "ours"
 
     def answer(batches: list[list[list[int]]]) -> list[list[int]]:
-        with prepacked_linears(model) if default else nullcontext():  # once per set, like `instruct respond`
+        with prepacked_linears(model, default):  # once per set, like `instruct respond`
             return [row for batch in batches for row in generate_tokens(
-                model, batch, n, eos_ids=eos, draft_tokens=3 if default else 0, prepack=default)]
+                model, batch, n, eos_ids=eos, draft_tokens=DRAFT_TOKENS if default else 0, prepack=default)]
 
     return answer
 

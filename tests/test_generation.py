@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -10,7 +9,7 @@ from llmft.models.prepacked import can_prepack, prepacked_linears
 from llmft.training.lora import LoRAConfig, apply_lora
 from llmft.tokenizers import GPT2Tokenizer
 
-from tests.conftest import DATA  # noqa: E402  ($LLMFT_DATA_DIR or ../shared/data)
+from tests.conftest import DATA  # $LLMFT_DATA_DIR or ../shared/data
 CONFIGS = {
     "gpt2": get_config("gpt2-small").with_(n_layers=2, emb_dim=64, n_heads=4, context_length=128),
     "llama": get_config("smollm2-135m").with_(n_layers=2, emb_dim=64, n_heads=4, n_kv_heads=2,

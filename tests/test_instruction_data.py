@@ -14,7 +14,7 @@ from llmft.errors import LlmftError
 from llmft.prompts import format_input
 from llmft.tokenizers import GPT2Tokenizer
 
-from tests.conftest import DATA  # noqa: E402  ($LLMFT_DATA_DIR or ../shared/data)
+from tests.conftest import DATA  # $LLMFT_DATA_DIR or ../shared/data
 PAD = 50256
 
 

@@ -19,7 +19,7 @@ from llmft.models import build_model, get_config
 from llmft.prompts import get_prompt_style
 from llmft.tokenizers import GPT2Tokenizer
 
-from tests.conftest import DATA  # noqa: E402  ($LLMFT_DATA_DIR or ../shared/data)
+from tests.conftest import DATA  # $LLMFT_DATA_DIR or ../shared/data
 ENTRIES = [
     {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
      "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."},

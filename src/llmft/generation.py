@@ -19,7 +19,7 @@ without changing the greedy output: the Linear weights are prepacked for oneDNN'
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -82,7 +82,7 @@ def _decoding(model: Any, prepack: bool) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        with sdpa_kernel(DECODE_ATTENTION_BACKENDS), prepacked_linears(model) if prepack else nullcontext():
+        with sdpa_kernel(DECODE_ATTENTION_BACKENDS), prepacked_linears(model, prepack):
             yield
     finally:
         model.clear_kv_cache()
@@ -283,7 +283,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Seque
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     texts: list[str] = [""] * len(encoded)
-    with prepacked_linears(model) if prepack else nullcontext():  # packed once for every batch
+    with prepacked_linears(model, prepack):  # packed once for every batch
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
             new_tokens = generate_tokens(model, [encoded[i] for i in batch], max_new_tokens, temperature,

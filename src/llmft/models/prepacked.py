@@ -47,11 +47,11 @@ class PrepackedLinear(nn.Module):
 
 
 @contextmanager
-def prepacked_linears(model: nn.Module) -> Iterator[None]:
-    """Run the model's plain `Linear`s on prepacked weights inside the block (a no-op where
-    `can_prepack` says no, and for a model already inside such a block)."""
+def prepacked_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run the model's plain `Linear`s on prepacked weights inside the block (a no-op when not
+    `enabled`, where `can_prepack` says no, and for a model already inside such a block)."""
     swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if type(child) is nn.Linear]
+             for name, child in parent.named_children() if type(child) is nn.Linear] if enabled else []
     if not swaps or not can_prepack(model):
         yield
         return

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,7 +203,7 @@ def respond(source: str | Path, split: str | None = "test", data: str | None = N
     todo = [i for i, e in enumerate(entries) if "model_response" not in e]
     todo.sort(key=lambda i: len(style.format(entries[i])))  # similar lengths share a batch
     with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar, \
-            prepacked_linears(model) if prepack else nullcontext():  # the weights packed once for every batch
+            prepacked_linears(model, prepack):  # the weights packed once for every batch
         for s in range(0, len(todo), batch_size):
             rows = todo[s:s + batch_size]
             for i, text in zip(rows, answer(model, tokenizer, style, [entries[i] for i in rows],
