@@ -55,16 +55,15 @@ def _answerer(spec: dict[str, Any]):
 
         return answer
 
-    from llmft.generation import DRAFT_TOKENS, generate_tokens
-    from llmft.models.prepacked import prepacked_linears
+    from llmft.generation import DRAFT_TOKENS, decoding_session, generate_tokens
 
     model = load_ours(spec["weights"], device).eval()
     default = spec["impl"] == "ours"
 
     def answer(batches: list[list[list[int]]]) -> list[list[int]]:
-        with prepacked_linears(model, default):  # once per set, like `instruct respond`
+        with decoding_session(model, prepack=default):  # weights packed once per set, like `instruct respond`
             return [row for batch in batches for row in generate_tokens(
-                model, batch, n, eos_ids=eos, draft_tokens=DRAFT_TOKENS if default else 0, prepack=default)]
+                model, batch, max_new_tokens=n, eos_ids=eos, draft_tokens=DRAFT_TOKENS if default else 0)]
 
     return answer
 

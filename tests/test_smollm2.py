@@ -141,9 +141,10 @@ def test_guesses_and_prepacked_weights_keep_a_real_answer(model, tokenizer):
     passes = []
     hook = model.final_norm.register_forward_hook(lambda *_: passes.append(1))
     try:
-        plain = generate_tokens(model, [prompt], 40, eos_ids=[tokenizer.eos_id], draft_tokens=0, prepack=False)[0]
+        plain = generate_tokens(model, [prompt], max_new_tokens=40, eos_ids=[tokenizer.eos_id], draft_tokens=0,
+                                prepack=False)[0]
         plain_passes, passes[:] = len(passes), []
-        fast = generate_tokens(model, [prompt], 40, eos_ids=[tokenizer.eos_id])[0]
+        fast = generate_tokens(model, [prompt], max_new_tokens=40, eos_ids=[tokenizer.eos_id])[0]
     finally:
         hook.remove()
     assert fast == plain and "meal" in tokenizer.decode(plain)

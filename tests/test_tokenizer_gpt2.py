@@ -20,7 +20,7 @@ def test_save_and_reload(gpt2_tokenizer, tmp_path):
 
 
 def test_hf_file_names(gpt2_tokenizer, tmp_path):
-    from tests.conftest import GPT2_BPE
+    from tests.helpers import GPT2_BPE
 
     (tmp_path / "vocab.json").write_bytes((GPT2_BPE / "encoder.json").read_bytes())
     (tmp_path / "merges.txt").write_bytes((GPT2_BPE / "vocab.bpe").read_bytes())

@@ -1,114 +1,139 @@
 """Saving a fine-tuned model into its run directory and loading it back.
 
-A run directory holds `run.json` (task, model config, task settings), `model.safetensors`
-and `tokenizer/`. Weights are safetensors only: loading never unpickles anything.
+A run holds `run.json` (`RunMeta`), the weights and `tokenizer/`. Weights are safetensors only:
+loading never unpickles anything.
 
-A LoRA run (`run.json` holds `lora`) saves `adapter.safetensors` instead: the LoRA A/B tensors
-and the task's new head, megabytes rather than gigabytes. Loading rebuilds the base model
-from `run.json`'s `model` spec and adds the adapter. A randomly initialised base cannot be
-rebuilt that way, so such a run also keeps the whole model in `model.safetensors`.
+A LoRA run saves `adapter.safetensors` instead of the whole model: the LoRA A/B tensors and the
+task's new modules, megabytes rather than gigabytes. Loading rebuilds the base model from
+`run.json`'s `model` spec (a registry name, or the absolute path it was trained from), checks
+that its weights are the ones the adapter was trained on (`base_fingerprint`) and adds the
+adapter. A randomly initialised base cannot be rebuilt that way, so such a run also keeps the
+whole model in `model.safetensors`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
+import torch
 from torch import nn
 
-from llmft.errors import LlmftError
-from llmft.models import ModelConfig, build_model
-from llmft.rundir import atomic_write_json, read_json
+from llmft.errors import LlmftError, one_line
+from llmft.models import MODEL_CONFIGS, DecoderLM, ModelConfig, build_model
+from llmft.rundir import RunDir, RunMeta
+from llmft.tasks import TASKS
 from llmft.tokenizers import Tokenizer, load_tokenizer
 from llmft.training.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict
+from llmft.weights import load_pretrained
 
 log = logging.getLogger("llmft")
 
-RUN_FILE = "run.json"
-WEIGHTS_FILE = "model.safetensors"
-ADAPTER_FILE = "adapter.safetensors"
-# What a task adds to the base model: a LoRA run saves it beside the adapters.
-TASK_HEADS = {"classification": ("backbone.out_head",)}
 # ModelConfig fields that fix parameter shapes: a LoRA run's base must agree on all of them.
 SHAPE_FIELDS = ("architecture", "vocab_size", "emb_dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
                 "head_dim", "qkv_bias", "bias", "tie_embeddings")
 
 
-def save_finetuned(run_dir: Path, model: nn.Module, tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
-    """Write weights, tokenizer and `run.json` (meta must hold `task` and `model_config`)."""
-    lora = "lora" in meta
-    if not lora or meta.get("random_init"):
-        safetensors.torch.save_model(model, str(run_dir / WEIGHTS_FILE))
-    if lora:
-        adapter = lora_state_dict(model, TASK_HEADS.get(meta["task"], ()))
-        safetensors.torch.save_file({k: v.contiguous() for k, v in adapter.items()}, str(run_dir / ADAPTER_FILE))
-    tokenizer.save(run_dir / "tokenizer")
-    atomic_write_json(run_dir / RUN_FILE, meta)
+def base_spec(spec: str) -> str:
+    """A model spec that means the same model from any working directory: registry names stay,
+    paths become absolute."""
+    if spec in MODEL_CONFIGS or not Path(spec).exists():
+        return spec
+    return str(Path(spec).resolve())
 
 
-def build_task_model(meta: dict[str, Any], backbone: nn.Module | None = None) -> nn.Module:
-    """The module a run trained around `backbone` (default: random weights from `run.json`)."""
-    from llmft.training.heads import SequenceClassifier  # heads import models; avoid a cycle
+def weights_fingerprint(model: nn.Module) -> str:
+    """A content hash of a model's weights (names, dtypes, shapes and bytes; a tied tensor once)."""
+    digest, seen = hashlib.blake2b(digest_size=16), set()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
+
+def save_finetuned(run: RunDir, model: nn.Module, tokenizer: Tokenizer, meta: RunMeta) -> None:
+    """Write the weights (or the adapter), the tokenizer and run.json."""
+    if meta.lora is None or meta.random_init:
+        safetensors.torch.save_model(model, str(run.file(RunDir.WEIGHTS)))
+    if meta.lora is not None:
+        adapter = lora_state_dict(model, TASKS[meta.task].new_modules)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in adapter.items()}, str(run.file(RunDir.ADAPTER)))
+    tokenizer.save(run.file(RunDir.TOKENIZER))
+    run.write_meta(meta)
+
+
+def build_task_model(meta: RunMeta, backbone: DecoderLM | None = None) -> nn.Module:
+    """The module a run trained around `backbone` (default: random weights of the run's config)."""
     if backbone is None:
-        backbone = build_model(ModelConfig.from_dict(meta["model_config"]))
-    if meta["task"] == "classification":
-        return SequenceClassifier(backbone, len(meta["labels"]), meta["pooling"])
-    return backbone
+        backbone = build_model(ModelConfig.from_dict(meta.model_config))
+    return TASKS[meta.task].build(backbone, meta)
 
 
 def load_weights(model: nn.Module, weights: Path) -> nn.Module:
+    """Load a run's safetensors file into `model`, built from run.json: a file that is not
+    safetensors, or whose tensors do not fit run.json, is a one-line error naming the field."""
     if not weights.is_file():
         raise LlmftError(f"{weights}: weights file not found")
     try:
-        missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
-    except (RuntimeError, OSError) as e:
-        raise LlmftError(f"{weights}: cannot load ({str(e).splitlines()[0]})") from None
+        with safetensors.safe_open(str(weights), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (OSError, safetensors.SafetensorError) as e:
+        raise LlmftError(f"{weights}: not a readable safetensors file ({one_line(e)})") from None
+    for name, tensor in model.state_dict().items():
+        if name in shapes and shapes[name] != tuple(tensor.shape):
+            field = "labels" if name.endswith("out_head.weight") and hasattr(model, "backbone") else "model_config"
+            raise LlmftError(f"{weights}: {name} has shape {shapes[name]}, but {RunDir.META} field {field!r} "
+                             f"makes it {tuple(tensor.shape)}")
+    missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
     if missing or unexpected:
-        raise LlmftError(f"{weights}: does not match {RUN_FILE} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise LlmftError(f"{weights}: does not match {RunDir.META} field 'model_config' "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
 
 
-def pretrained_base(meta: dict[str, Any]) -> nn.Module:
-    """The base model a LoRA run adapted, loaded again from its spec; it must have the run's shape."""
-    from llmft.weights import load_pretrained  # weights pull in the hub client; load it when needed
-
-    base = load_pretrained(meta["model"])
-    saved = ModelConfig.from_dict(meta["model_config"])
+def pretrained_base(meta: RunMeta) -> DecoderLM:
+    """The base model a LoRA run adapted, loaded again from its spec: it must have the run's
+    shape and, when the run recorded one, the same weights."""
+    base = load_pretrained(meta.model)
+    saved = ModelConfig.from_dict(meta.model_config)
     for name in SHAPE_FIELDS:
         if getattr(base.config, name) != getattr(saved, name):
-            raise LlmftError(f"{meta['model']}: {name}={getattr(base.config, name)!r}, but the run's adapter "
-                             f"was trained on a base with {name}={getattr(saved, name)!r} ({RUN_FILE})")
+            raise LlmftError(f"{meta.model}: {name}={getattr(base.config, name)!r}, but the run's adapter "
+                             f"was trained on a base with {name}={getattr(saved, name)!r} ({RunDir.META})")
+    if meta.base_fingerprint and weights_fingerprint(base.model) != meta.base_fingerprint:
+        raise LlmftError(f"{meta.model}: its weights are not the ones this run's adapter was trained on "
+                         f"({RunDir.META} field 'base_fingerprint')")
     return base.model
 
 
-def load_lora_run(run_dir: Path, meta: dict[str, Any]) -> nn.Module:
-    """Base model + task head + LoRA layers, with the run's weights."""
-    random_base = meta.get("random_init", False)
-    model = build_task_model(meta, None if random_base else pretrained_base(meta))
-    apply_lora(getattr(model, "backbone", model), LoRAConfig(**meta["lora"]))
-    if random_base:
-        return load_weights(model, run_dir / WEIGHTS_FILE)
-    adapter = run_dir / ADAPTER_FILE
+def load_lora_run(run: RunDir, meta: RunMeta) -> nn.Module:
+    """Base model + task modules + LoRA layers, with the run's weights."""
+    model = build_task_model(meta, None if meta.random_init else pretrained_base(meta))
+    apply_lora(getattr(model, "backbone", model), LoRAConfig(**meta.lora))
+    if meta.random_init:
+        return load_weights(model, run.file(RunDir.WEIGHTS))
+    adapter = run.file(RunDir.ADAPTER)
     try:
         state = safetensors.torch.load_file(str(adapter))
     except (FileNotFoundError, OSError, safetensors.SafetensorError) as e:
-        raise LlmftError(f"{adapter}: cannot load ({str(e).splitlines()[0]})") from None
-    load_lora_state_dict(model, state, TASK_HEADS.get(meta["task"], ()), source=str(adapter))
+        raise LlmftError(f"{adapter}: cannot load ({one_line(e)})") from None
+    load_lora_state_dict(model, state, TASKS[meta.task].new_modules, source=str(adapter))
     return model
 
 
-def load_finetuned(run_dir: Path) -> tuple[nn.Module, Tokenizer, dict[str, Any]]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise LlmftError(f"{run_dir}: run directory not found")
-    meta = read_json(run_dir / RUN_FILE)
-    if "lora" in meta:
-        model = load_lora_run(run_dir, meta)
+def load_finetuned(path: Path | str) -> tuple[nn.Module, Tokenizer, RunMeta]:
+    """The trained model (eval mode), its tokenizer and its metadata."""
+    run = RunDir(path)
+    meta = run.read_meta()
+    if meta.lora is not None:
+        model = load_lora_run(run, meta)
     else:
-        model = load_weights(build_task_model(meta), run_dir / WEIGHTS_FILE)
+        model = load_weights(build_task_model(meta), run.file(RunDir.WEIGHTS))
     model.eval()
-    log.info("loaded %s model from %s", meta["task"], run_dir)
-    return model, load_tokenizer(run_dir / "tokenizer"), meta
+    log.info("loaded %s model from %s", meta.task, run.path)
+    return model, load_tokenizer(run.file(RunDir.TOKENIZER)), meta

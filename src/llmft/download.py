@@ -45,7 +45,7 @@ def download(url: str, relative: str, md5: str | None = None) -> Path:
         tmp.replace(dest)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise LlmftError(f"cannot download {url} ({e}); pass a local file instead, or set LLMFT_DATA_DIR "
-                         f"to a folder holding {relative} (also looked in ../shared/data)") from None
+                         f"to a folder holding {relative}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return dest

@@ -1,10 +1,15 @@
 """Text generation: greedy or sampled decoding, one prompt or many, with or without a KV cache.
 
 `generate` is the text-level entry point (strings in, new text out). It sorts the prompts by
-length into batches (less padding) and calls `generate_tokens` per batch. A batch is LEFT padded,
-so every row's next token sits in the same last column; each row's position ids start at 0 at
-its first real token, and a boolean (B, 1, T, S) mask hides the padding keys on top of causal
-attention, so a padded row computes what it would compute alone.
+length into batches (less padding) and calls `generate_tokens` per batch, which joins what
+`stream_tokens` yields: each step's newly decided tokens per prompt, as they are decided
+(`stream_text` turns one prompt's steps into text pieces, for printing as it goes).
+
+A batch is LEFT padded, so every row's next token sits in the same last column; each row's
+position ids start at 0 at its first real token, and a boolean (B, 1, T, S) mask hides the
+padding keys on top of causal attention, so a padded row computes what it would compute alone.
+`DecodingState` holds this: the padded tokens, positions, key mask, the rows still decoding and
+the model's KV cache rows.
 
 With the cache, the prompt is run once (prefill) and each new token costs one position; without
 it, the whole sequence is recomputed each step (the book's `generate`, kept as a reference for
@@ -12,30 +17,37 @@ tests and benchmarks). Rows that finish (end-of-text, a stop id, a stop string) 
 
 Decoding on a CPU is bound by reading the weights once per step, so two things make it faster
 without changing the greedy output: the Linear weights are prepacked for oneDNN's few-row GEMM
-(`llmft.models.prepacked`), and a single greedy row verifies a few guessed tokens per step
-(`prompt_lookup_draft`): every guess the model agrees with is a step saved.
+(`llmft.models.prepacked`, entered by `decoding_session`), and a single greedy row verifies a
+few guessed tokens per step (`prompt_lookup_draft`, `accept_draft`): every guess the model
+agrees with is a step saved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmft.errors import LlmftError
 from llmft.models.prepacked import prepacked_linears
 
 # cuDNN's attention (PyTorch's first choice for bf16 on recent GPUs) plans each new shape
-# anew, and decoding grows the key length by one every step: measured on an H200, GPT-2 small
-# decoded at 38 ms/token with it and 3.4 ms/token without it.
+# anew, and decoding grows the key length by one every step: decoding on a GPU was many times
+# slower with it (see docs/benchmarks.md, "Decoding defaults").
 DECODE_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# Guessed tokens verified per greedy single-row step (see generate_tokens): SmolLM2-135M-Instruct
-# answering 16 of the book's instructions on one CPU thread took about 46 s with 3 (49-51 s with 6
-# or 7, 61 s with none); oneDNN runs 4 positions no slower than 1, and longer guesses are rarely kept.
+# Guessed tokens verified per greedy single-row step (see `stream_tokens`): oneDNN runs 4
+# positions no slower than 1, and longer guesses are rarely kept; 3 answered the book's
+# instructions fastest (see docs/benchmarks.md, "Decoding defaults").
 DRAFT_TOKENS = 3
+
+_IN_SESSION: weakref.WeakSet = weakref.WeakSet()  # models inside a `decoding_session`
+
+Steps = Iterator[dict[int, list[int]]]  # per step: prompt index -> its newly decided token ids
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -62,6 +74,24 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def next_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The model's choices from next-token logits (B, K, V): greedy, the argmax at every position
+    (B, K), one choice after the last token and after each guess; sampled, one token (B, 1)
+    drawn at the last position (see `sample_next_token`)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)  # (B, K)
+    return sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+
+
+def accept_draft(draft: Sequence[int], choices: Sequence[int]) -> list[int]:
+    """The tokens a step decides: the guesses in `draft` up to the first one the model disagrees
+    with, plus the model's next choice. `choices[i]` is the model's choice after the last token
+    (i = 0) or after guess i, so there is one more choice than guesses."""
+    agreed = next((i for i, (guess, choice) in enumerate(zip(draft, choices)) if guess != choice), len(draft))
+    return list(choices[:agreed + 1])
+
+
 def attention_mask(key_valid: torch.Tensor, q_start: int, q_end: int) -> torch.Tensor:
     """(B, 1, q_end - q_start, S) may-attend mask for queries at slots [q_start, q_end).
 
@@ -76,23 +106,26 @@ def attention_mask(key_valid: torch.Tensor, q_start: int, q_end: int) -> torch.T
 
 
 @contextmanager
-def _decoding(model: Any, prepack: bool) -> Iterator[None]:
-    """Eval mode, the decoding attention backends and (on CPU, if `prepack`) prepacked Linear
-    weights; afterwards the cache is dropped and the model's mode restored."""
+def decoding_session(model: Any, prepack: bool = True) -> Iterator[None]:
+    """The model set up for decoding inside the block: eval mode, the decoding attention backends
+    and (on CPU, if `prepack`) prepacked Linear weights; afterwards its mode is restored.
+
+    Every generation function enters it; a caller that generates several times (`instruct
+    respond`'s batches) enters it once around them, so the weights are packed once. Inside a
+    session, entering it again changes nothing (the outer session's `prepack` holds).
+    """
+    if model in _IN_SESSION:
+        yield
+        return
     was_training = model.training
     model.eval()
+    _IN_SESSION.add(model)
     try:
         with sdpa_kernel(DECODE_ATTENTION_BACKENDS), prepacked_linears(model, prepack):
             yield
     finally:
-        model.clear_kv_cache()
+        _IN_SESSION.discard(model)
         model.train(was_training)
-
-
-def _select_cache_rows(model: Any, keep: torch.Tensor) -> None:
-    for block in model.blocks:
-        cache = block.attn.kv_cache
-        cache.k, cache.v = cache.k[keep], cache.v[keep]
 
 
 def crop_prompt(ids: Sequence[int], context_length: int, max_new_tokens: int) -> list[int]:
@@ -102,6 +135,138 @@ def crop_prompt(ids: Sequence[int], context_length: int, max_new_tokens: int) ->
         raise LlmftError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
                          f"model's context of {context_length} tokens")
     return list(ids[-room:])
+
+
+class DecodingState:
+    """One batch being decoded: its LEFT-padded token slots (B, T), their positions and which keys
+    are real tokens (B, total), the prompt each batch row belongs to, and the model's KV cache rows.
+
+    `prefill` runs the prompts and `step` each row's decided tokens, both returning next-token
+    logits; `evict` drops the rows that finished, and `join` adds new prompts between two steps
+    (continuous batching). Used as a context manager: the KV cache is dropped on exit.
+    """
+
+    def __init__(self, model: Any, rows: Sequence[list[int]], max_new_tokens: int, use_cache: bool,
+                 width: int | None = None) -> None:
+        """`width`: the prompts' slots, at least the longest prompt (default: exactly that)."""
+        self.model, self.use_cache = model, use_cache
+        device = model.tok_emb.weight.device
+        B, T0 = len(rows), max(len(r) for r in rows) if width is None else width
+        self.total = T0 + max_new_tokens
+        pad = torch.tensor([T0 - len(r) for r in rows], device=device)  # (B,)
+        self.seq = torch.tensor([[0] * (T0 - len(r)) + r for r in rows], device=device)  # (B, T0)
+        slots = torch.arange(self.total, device=device)
+        self.positions = (slots - pad[:, None]).clamp(min=0)  # (B, total): 0 at each first real token
+        self.key_valid = slots >= pad[:, None]  # (B, total)
+        self.padded = any(len(r) < T0 for r in rows)  # without padding, plain causal attention (mask None)
+        self.active = list(range(B))  # the prompt of each batch row
+        self.n_prompts = B  # prompts this batch has held: a joining one is numbered on from here
+        self.end = T0  # slots [0, end) hold tokens; the cache holds all but the last
+
+    def __enter__(self) -> DecodingState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.clear_kv_cache()
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompts: next-token logits (B, 1, V)."""
+        if self.use_cache:
+            self.model.set_kv_cache(len(self.active), self.total)
+        return self._logits(0, [])
+
+    def step(self, new: list[list[int]], draft: Sequence[int] = ()) -> torch.Tensor:
+        """Append each row's decided tokens (`new`, as many for every row) and run them, then the
+        guessed `draft` (a single row); logits (B, 1 + len(draft), V) after the last token and
+        each guess. With the cache only the last token runs: the agreed guesses before it ran,
+        as guesses, in the step before."""
+        self.seq = torch.cat([self.seq, torch.tensor(new, device=self.seq.device)], dim=1)
+        self.end += len(new[0])
+        return self._logits(self.end - 1 if self.use_cache else 0, draft)
+
+    def evict(self, keep: list[int]) -> None:
+        """Keep only the batch rows `keep` (indices into `active`), cache rows included."""
+        if len(keep) == len(self.active):
+            return
+        idx = torch.tensor(keep, device=self.seq.device)
+        self.active = [self.active[j] for j in keep]
+        self.seq, self.positions, self.key_valid = self.seq[idx], self.positions[idx], self.key_valid[idx]
+        self._edit_cache(lambda t: t[idx])
+
+    def join(self, rows: Sequence[list[int]], max_new_tokens: int) -> torch.Tensor:
+        """Add the prompts `rows` as new batch rows after a step, to decode with the others from
+        the next step on (continuous batching); their next-token logits (N, 1, V).
+
+        They are prefilled on their own, LEFT padded to this batch's slots (the batch gets more
+        padding in front when one is longer), and their cache rows appended to the batch's.
+        Slots that no row reads any more are dropped first, so that a batch which never empties
+        does not grow without end. Like `evict`, with the model's cache rows kept in step.
+        """
+        self._compact()
+        width = max(self.end, *(len(r) for r in rows))
+        self._pad_left(width - self.end)
+        self._grow(width + max_new_tokens)
+        own = [block.attn.kv_cache for block in self.model.blocks]
+        joining = DecodingState(self.model, rows, self.total - width, self.use_cache, width=width)
+        logits = joining.prefill()
+        if self.use_cache:  # the model now holds the joining rows' cache: this batch's rows go first
+            for block, cache in zip(self.model.blocks, own):
+                theirs = block.attn.kv_cache
+                cache.k, cache.v = torch.cat([cache.k, theirs.k]), torch.cat([cache.v, theirs.v])
+                block.attn.kv_cache = cache
+        self.seq = torch.cat([self.seq, joining.seq])
+        self.positions = torch.cat([self.positions, joining.positions])
+        self.key_valid = torch.cat([self.key_valid, joining.key_valid])
+        self.active += range(self.n_prompts, self.n_prompts + len(rows))
+        self.n_prompts += len(rows)
+        self.padded = True
+        return logits
+
+    def _compact(self) -> None:
+        """Drop the leading slots that are padding in every row."""
+        first = int(self.key_valid[:, :self.end].any(0).int().argmax())  # the first slot a row reads
+        if first:
+            self.seq, self.positions, self.key_valid = self.seq[:, first:], self.positions[:, first:], \
+                self.key_valid[:, first:]
+            self._edit_cache(lambda t: t[:, :, first:])
+            self.end, self.total = self.end - first, self.total - first
+
+    def _pad_left(self, n: int) -> None:
+        """`n` more padding slots in front of every row."""
+        if n > 0:
+            self.seq, self.positions = F.pad(self.seq, (n, 0)), F.pad(self.positions, (n, 0))
+            self.key_valid = F.pad(self.key_valid, (n, 0), value=False)
+            self._edit_cache(lambda t: F.pad(t, (0, 0, n, 0)))
+            self.end, self.total, self.padded = self.end + n, self.total + n, True
+
+    def _grow(self, total: int) -> None:
+        """Room for `total` slots: the new ones at the end, each row's positions counting on."""
+        extra = total - self.total
+        if extra > 0:
+            steps = torch.arange(1, extra + 1, device=self.positions.device)
+            self.positions = torch.cat([self.positions, self.positions[:, -1:] + steps], dim=1)
+            self.key_valid = F.pad(self.key_valid, (0, extra), value=True)
+            self._edit_cache(lambda t: F.pad(t, (0, 0, 0, extra)))
+            self.total = total
+
+    def _edit_cache(self, edit: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every layer's cached keys and values (B, H, total, d) by `edit` of them."""
+        if self.use_cache:
+            for block in self.model.blocks:
+                cache = block.attn.kv_cache
+                cache.k, cache.v = edit(cache.k), edit(cache.v)
+
+    def _logits(self, start: int, draft: Sequence[int]) -> torch.Tensor:
+        """Run the tokens at slots [start, end) (all of them without a cache), then `draft`;
+        next-token logits (B, 1 + len(draft), V) after the last token and each guess."""
+        ids, end = self.seq[:, start:self.end], self.end
+        if draft:
+            ids = torch.cat([ids, torch.tensor([list(draft)], device=ids.device)], dim=1)
+            end += len(draft)
+        mask = attention_mask(self.key_valid[:, :end], start, end) if self.padded else None
+        hidden = self.model.hidden_states(ids, positions=self.positions[:, start:end], mask=mask,
+                                          cache_pos=start if self.use_cache else None)
+        return self.model.out_head(hidden[:, -1 - len(draft):])  # the vocabulary projection where it is read
 
 
 def _continuation(tokens: Sequence[int], max_tokens: int, max_ngram: int) -> list[int]:
@@ -122,7 +287,7 @@ def prompt_lookup_draft(tokens: Sequence[int], max_tokens: int, max_ngram: int =
     up again from the guess's end while it is short, the last token repeated where nothing
     matches. Answers to instructions copy from their prompt (names, the sentence to rewrite)
     and from themselves; and a CPU verifies 4 positions no slower than 1 (see
-    `generate_tokens`), so a full-length guess costs nothing even when it is wrong.
+    `stream_tokens`), so a full-length guess costs nothing even when it is wrong.
     """
     draft: list[int] = []
     while len(draft) < max_tokens:
@@ -144,94 +309,70 @@ def _take(row_out: list[int], tokens: Sequence[int], eos: set[int], max_new_toke
 
 
 @torch.no_grad()
-def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int = 256,
-                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    eos_ids: Sequence[int] = (), use_cache: bool = True,
-                    generator: torch.Generator | None = None,
-                    is_done: Callable[[list[int]], bool] | None = None,
-                    draft_tokens: int = DRAFT_TOKENS, prepack: bool = True) -> list[list[int]]:
-    """New token ids for each prompt of one batch, generated together.
+def stream_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  eos_ids: Sequence[int] = (), use_cache: bool = True, generator: torch.Generator | None = None,
+                  is_done: Callable[[list[int]], bool] | None = None, draft_tokens: int = DRAFT_TOKENS,
+                  prepack: bool = True) -> Steps:
+    """Decode one batch of prompts together, yielding after each step the prompts' newly decided
+    token ids ({prompt index: ids}, prompts that got none left out); a prompt's ids, joined
+    over the steps, are its new tokens.
 
     A row stops at a token in `eos_ids` (not included in its output), when
     `is_done(new_tokens)` says so (the caller's stop-string check), or after `max_new_tokens`.
     Prompts longer than the context allows are cropped to their last tokens. The model is
-    called in eval mode and its cache is cleared afterwards.
+    called in eval mode (`decoding_session`) and its cache is cleared afterwards.
 
     Greedy decoding of a single row (a batch of one, or the last row left of a batch) with the
     cache verifies `draft_tokens` guessed tokens per step (`prompt_lookup_draft`): one
     forward pass over the last token and the guesses gives the model's own choice after each,
-    the guesses it agrees with are kept, plus its choice after the last of them. The output is
-    the greedy output (up to float rounding: several positions go through the model at once);
-    a step on a CPU costs about what a one-token step costs, since reading the weights, not the
-    arithmetic, bounds it. 0 turns guessing off.
+    the guesses it agrees with are kept, plus its choice after the last of them (`accept_draft`).
+    The output is the greedy output (up to float rounding: several positions go through the
+    model at once); a step on a CPU costs about what a one-token step costs, since reading the
+    weights, not the arithmetic, bounds it. 0 turns guessing off.
 
     `prepack` (CPU, fp32): multiply by oneDNN-prepacked copies of the Linear weights (see
     `llmft.models.prepacked`), faster at the cost of a second copy of them while generating.
     """
     if not prompts or max_new_tokens < 1:
-        return [[] for _ in prompts]
-    ctx = model.cfg.context_length
-    rows = [crop_prompt(p, ctx, max_new_tokens) for p in prompts]
+        return
+    rows = [crop_prompt(p, model.cfg.context_length, max_new_tokens) for p in prompts]
     if any(not r for r in rows):
         raise LlmftError("cannot generate from an empty prompt")
-    device = model.tok_emb.weight.device
-    B, T0 = len(rows), max(len(r) for r in rows)
-    total = T0 + max_new_tokens
-    pad = torch.tensor([T0 - len(r) for r in rows], device=device)
-    seq = torch.tensor([[0] * (T0 - len(r)) + r for r in rows], device=device)
-    slots = torch.arange(total, device=device)
-    positions = (slots - pad[:, None]).clamp(min=0)  # (B, total): 0 at each first real token
-    key_valid = slots >= pad[:, None]
-    padded = any(len(r) < T0 for r in rows)  # without padding, plain causal attention (mask None)
     guessing = temperature == 0.0 and use_cache and draft_tokens > 0
-    eos = set(eos_ids)
-    out: list[list[int]] = [[] for _ in rows]
-    active = list(range(B))  # original row of each batch row
-
-    def logits_after(start: int, end: int, draft: list[int]) -> torch.Tensor:
-        """Run the tokens at slots [start, end) (all of them without a cache), then the guessed
-        `draft`; next-token logits (B, 1 + len(draft), V) after the last token and each guess."""
-        ids = seq[:, start:end]
-        if draft:
-            ids = torch.cat([ids, torch.tensor([draft], device=device)], dim=1)
-            end += len(draft)
-        mask = attention_mask(key_valid[:, :end], start, end) if padded else None
-        hidden = model.hidden_states(ids, positions=positions[:, start:end], mask=mask,
-                                     cache_pos=start if use_cache else None)
-        return model.out_head(hidden[:, -1 - len(draft):])  # the vocabulary projection where it is read
-
-    with _decoding(model, prepack):
-        if use_cache:
-            model.set_kv_cache(B, total)
-        end, draft = T0, []  # slots [0, end) hold tokens; the cache holds all but the last
-        logits = logits_after(0, T0, draft)  # prefill
+    eos, out = set(eos_ids), [[] for _ in rows]
+    with decoding_session(model, prepack), DecodingState(model, rows, max_new_tokens, use_cache) as state:
+        logits, draft = state.prefill(), []
         while True:
-            if temperature == 0.0:
-                choices = logits.argmax(dim=-1)  # (B, 1 + len(draft))
-            else:
-                choices = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)[:, None]
-            keep, new = [], []
+            decided, keep, new = {}, [], []
+            choices = next_tokens(logits, temperature, top_k, top_p, generator)
             for j, chosen in enumerate(choices.tolist()):  # the one host sync per step
-                agreed = next((i for i, (g, c) in enumerate(zip(draft, chosen)) if g != c), len(draft))
-                tokens = chosen[:agreed + 1]  # the agreed guesses and the model's next choice
-                if _take(out[active[j]], tokens, eos, max_new_tokens, is_done):
+                row, tokens = state.active[j], accept_draft(draft, chosen)
+                before = len(out[row])
+                if _take(out[row], tokens, eos, max_new_tokens, is_done):
                     keep.append(j)
                     new.append(tokens)
+                if len(out[row]) > before:
+                    decided[row] = out[row][before:]
+            if decided:
+                yield decided
             if not keep:
-                break
-            if len(keep) < len(active):
-                idx = torch.tensor(keep, device=device)
-                active = [active[j] for j in keep]
-                seq, positions, key_valid = seq[idx], positions[idx], key_valid[idx]
-                if use_cache:
-                    _select_cache_rows(model, idx)
-            seq = torch.cat([seq, torch.tensor(new, device=device)], dim=1)
-            end += len(new[0])
+                return
+            state.evict(keep)
             draft = []
-            if guessing and len(active) == 1:
-                row = active[0]
+            if guessing and len(keep) == 1:
+                row = state.active[0]
                 draft = prompt_lookup_draft(rows[row] + out[row], min(draft_tokens, max_new_tokens - len(out[row]) - 1))
-            logits = logits_after(end - 1 if use_cache else 0, end, draft)
+            logits = state.step(new, draft)
+
+
+def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:
+    """New token ids for each prompt of one batch, generated together: the steps of
+    `stream_tokens(model, prompts, **options)` joined (`options`: its keyword arguments)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for decided in stream_tokens(model, prompts, **options):
+        for row, tokens in decided.items():
+            out[row] += tokens
     return out
 
 
@@ -255,7 +396,39 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]],
+def _settled(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` cut at its first stop string, less an ending that may be the start of one: what
+    more tokens can no longer take back."""
+    text = cut_at_stop(text, stop_strings)
+    held = max((n for s in stop_strings for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[:len(text) - held]
+
+
+def _token_options(model: Any, tokenizer: Any, temperature: float, top_k: int | None, top_p: float | None,
+                   stop_strings: Sequence[str], eos_id: int | Sequence[int] | None,
+                   seed: int | None) -> dict[str, Any]:
+    """`stream_tokens`'s sampling and stopping arguments for `generate`'s: the sampling settings
+    checked, the stop ids (default: end-of-text), a generator seeded with `seed`, a check for
+    the stop strings."""
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise LlmftError(f"sampling settings: need temperature >= 0, top_k >= 1, 0 < top_p <= 1 "
+                         f"(got {temperature}, {top_k}, {top_p})")
+    if eos_id is None:
+        eos_id = tokenizer.eos_id
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(model.tok_emb.weight.device).manual_seed(seed)
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator,
+            "eos_ids": [eos_id] if isinstance(eos_id, int) else list(eos_id),
+            "is_done": _stop_check(tokenizer, stop_strings)}
+
+
+def _encode(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
+    """A prompt's token ids (a string is encoded)."""
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]], *,
              max_new_tokens: int = 256, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop_strings: Sequence[str] = (),
              eos_id: int | Sequence[int] | None = None, use_cache: bool = True,
@@ -267,27 +440,63 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Seque
     reproducible. Generation of a prompt ends at `eos_id` (default: the tokenizer's end-of-text;
     pass a list to add a chat template's end-of-turn id, see `PromptStyle.stop_token_ids`) or at
     the first stop string, which is cut off with everything after it. `draft_tokens` and
-    `prepack`: see `generate_tokens`.
+    `prepack`: see `stream_tokens`.
     """
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise LlmftError(f"sampling settings: need temperature >= 0, top_k >= 1, 0 < top_p <= 1 "
-                         f"(got {temperature}, {top_k}, {top_p})")
-    if eos_id is None:
-        eos_id = tokenizer.eos_id
-    eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
-    encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(model.tok_emb.weight.device).manual_seed(seed)
-    is_done = _stop_check(tokenizer, stop_strings)
-
+    options = _token_options(model, tokenizer, temperature, top_k, top_p, stop_strings, eos_id, seed)
+    encoded = [_encode(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     texts: list[str] = [""] * len(encoded)
-    with prepacked_linears(model, prepack):  # packed once for every batch
+    with decoding_session(model, prepack):  # packed once for every batch
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            new_tokens = generate_tokens(model, [encoded[i] for i in batch], max_new_tokens, temperature,
-                                         top_k, top_p, eos_ids, use_cache, generator, is_done, draft_tokens, prepack)
+            new_tokens = generate_tokens(model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens,
+                                         use_cache=use_cache, draft_tokens=draft_tokens, prepack=prepack, **options)
             for i, tokens in zip(batch, new_tokens):
                 texts[i] = cut_at_stop(tokenizer.decode(tokens), stop_strings)
     return texts
+
+
+def text_increments(texts: Iterable[str]) -> Iterator[str]:
+    """What each text adds to the one before it, for texts that each begin with the one before:
+    the non-empty pieces that join to the last text."""
+    sent = 0
+    for text in texts:
+        if len(text) > sent:
+            yield text[sent:]
+            sent = len(text)
+
+
+def _settled_texts(tokenizer: Any, steps: Steps, stop_strings: Sequence[str]) -> Iterator[str]:
+    """Prompt 0's new text after each step, as far as it is settled (`_settled`), skipping steps
+    whose text ends inside a multi-byte UTF-8 character (decoded as U+FFFD until its last byte
+    comes); last, the whole text cut at its stop string."""
+    tokens: list[int] = []
+    for decided in steps:
+        tokens += decided[0]
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):
+            yield _settled(text, stop_strings)
+    yield cut_at_stop(tokenizer.decode(tokens), stop_strings)
+
+
+def stream_text(model: Any, tokenizer: Any, prompt: str | Sequence[int], *, max_new_tokens: int = 256,
+                temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                stop_strings: Sequence[str] = (), eos_id: int | Sequence[int] | None = None,
+                use_cache: bool = True, seed: int | None = None, draft_tokens: int = DRAFT_TOKENS,
+                prepack: bool = True) -> Iterator[str]:
+    """The new text of one prompt in pieces, as it is generated: the pieces join to what
+    `generate` returns for it (the keyword arguments are its own). A piece comes once the text
+    so far ends in a whole character and cannot be the start of a stop string; nothing from a
+    stop string on is ever yielded.
+    """
+    options = _token_options(model, tokenizer, temperature, top_k, top_p, stop_strings, eos_id, seed)
+    steps = stream_tokens(model, [_encode(tokenizer, prompt)], max_new_tokens=max_new_tokens,
+                          use_cache=use_cache, draft_tokens=draft_tokens, prepack=prepack, **options)
+    return text_pieces(tokenizer, steps, stop_strings)
+
+
+def text_pieces(tokenizer: Any, steps: Steps, stop_strings: Sequence[str] = ()) -> Iterator[str]:
+    """Prompt 0's new text in pieces from its steps (`stream_tokens`' form, {0: new ids} per
+    step), as `stream_text` yields them: they join to its whole new text cut at the first stop
+    string."""
+    return text_increments(_settled_texts(tokenizer, steps, stop_strings))

@@ -12,10 +12,9 @@ def cache_dir() -> Path:
 
 
 def local_data_dirs() -> list[Path]:
-    """Folders laid out like the public sources (see README): $LLMFT_DATA_DIR, then
-    ../shared/data beside the working directory. Used before any download."""
+    """Folders laid out like the public sources (see README), named by $LLMFT_DATA_DIR
+    (separated by os.pathsep). Used before any download."""
     dirs = [Path(p) for p in os.environ.get("LLMFT_DATA_DIR", "").split(os.pathsep) if p]
-    dirs.append(Path.cwd().parent / "shared" / "data")
     return [d for d in dirs if d.is_dir()]
 
 

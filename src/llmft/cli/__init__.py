@@ -6,7 +6,6 @@ Every user mistake surfaces as an `LlmftError`, printed as one line with exit co
 from __future__ import annotations
 
 import logging
-import sys
 
 import click
 
@@ -43,6 +42,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

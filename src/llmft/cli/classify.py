@@ -8,7 +8,7 @@ import click
 
 from llmft.cli.options import lora_config, lora_options, run_options, train_config, train_options
 from llmft.training.freezing import TRAINABLE_POLICIES
-from llmft.training.heads import POOLINGS
+from llmft.training.heads import CLASS_TOKENS
 
 
 @click.group()
@@ -23,10 +23,11 @@ def classify() -> None:
 @click.option("--validation-data", default=None, help="Use this file as validation split (with --test-data).")
 @click.option("--test-data", default=None, help="Use this file as test split (with --validation-data).")
 @click.option("--balance/--no-balance", default=True, help="Undersample classes to the smallest one.")
+@click.option("--dedupe", is_flag=True, help="Drop repeated texts before splitting (no text in two splits).")
 @click.option("--train-frac", default=0.7, type=float)
 @click.option("--val-frac", default=0.1, type=float)
 @click.option("--max-length", default=None, type=int, help="Tokens per text (default: longest training text).")
-@click.option("--class-token", "pooling", default="last", type=click.Choice(POOLINGS),
+@click.option("--class-token", default="last", type=click.Choice(CLASS_TOKENS),
               help="Which hidden state the head reads.")
 @click.option("--trainable", default="last-block", type=click.Choice(list(TRAINABLE_POLICIES)),
               help="Layers trained with --finetune full.")

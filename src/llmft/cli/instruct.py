@@ -56,7 +56,8 @@ def respond_cmd(source: str, split: str, data: str | None, out: Path | None, max
     (SOURCE = model name or path, with --data); rerunning continues where it stopped."""
     from llmft.pipelines.instruction import reference_scores, respond
 
-    path = respond(source, split, data, out, max_new_tokens, batch_size, device, compile, prepack)
+    path = respond(source, split=split, data=data, out=out, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   device=device, compile=compile, prepack=prepack)
     click.echo(f"responses saved to {path}")
     print_reference_scores(reference_scores(path))
 
@@ -99,15 +100,23 @@ def judge_cmd(responses: Path, judge_spec: str, judge_url: str | None, out: Path
 def generate(args: tuple[str, ...], model: str | None, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, device: str, compile: bool,
              prepack: bool) -> None:
-    """Answer prompts: `llmft generate RUN PROMPT...` or `llmft generate --model NAME PROMPT...`."""
+    """Answer prompts: `llmft generate RUN PROMPT...` or `llmft generate --model NAME PROMPT...`.
+    A single prompt's answer is printed as it is generated."""
     from llmft.errors import LlmftError
-    from llmft.pipelines.instruction import answer, load_chat_model
+    from llmft.pipelines.instruction import answer, check_answer_settings, load_chat_model, stream_answer
 
+    check_answer_settings(max_new_tokens, batch_size=1)
     source, prompts = (model, list(args)) if model else (args[0], list(args[1:]))
     if not prompts:
         raise LlmftError("no prompt given: llmft generate RUN PROMPT... or --model NAME PROMPT...")
     lm, tokenizer, style = load_chat_model(source, device, compile)
     entries = [{"instruction": p, "input": ""} for p in prompts]
-    for text in answer(lm, tokenizer, style, entries, max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed, prepack=prepack):
-        click.echo(text)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                    prepack=prepack)
+    if len(entries) > 1:
+        for text in answer(lm, tokenizer, style, entries, **settings):
+            click.echo(text)
+        return
+    for piece in stream_answer(lm, tokenizer, style, entries[0], **settings):
+        click.echo(piece, nl=False)
+    click.echo()

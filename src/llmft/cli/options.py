@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import click
 
@@ -29,6 +28,8 @@ HELP = {
     "group_by_length": "Batch examples of similar length together (less padding), still shuffled.",
     "compile": "torch.compile forward + loss into one graph (GPU; slow to start on CPU).",
     "grad_checkpoint": "Recompute activations in backward: less memory for long sequences.",
+    "checkpoint_every": "Checkpoint every N optimizer steps and at each epoch's end (for --resume).",
+    "keep_checkpoints": "How many checkpoints to keep.",
 }
 
 
@@ -37,9 +38,10 @@ def run_options(model: str, data: str, data_help: str):
     options = [
         click.option("--model", default=model, show_default=True, help="Registry name, HF folder or .gguf file."),
         click.option("--data", default=data, show_default=True, help=data_help),
-        click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to create."),
+        click.option("--out", required=True, help="Run directory to create."),
         click.option("--random-init", is_flag=True, help="Random weights instead of pretrained (tests, benchmarks)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing run directory."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from its newest checkpoint."),
     ]
 
     def decorate(command):
@@ -62,7 +64,8 @@ def train_options(**defaults: Any):
                 command = click.option(f"--{f.name.replace('_', '-')}", f.name, is_flag=True, default=default,
                                        help=HELP[f.name])(command)
                 continue
-            click_type = {int: int, float: float, str: str}.get(kind, float)  # float | None → float
+            kind = next((k for k in get_args(kind) if k is not type(None)), kind)  # int | None → int
+            click_type = {int: int, float: float, str: str}[kind]
             command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=click_type, default=default,
                                    show_default=True, help=HELP[f.name])(command)
         return command

@@ -10,7 +10,7 @@ per-batch dynamic padding adds little.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -50,3 +50,22 @@ def make_loader(dataset: Dataset, lengths: Sequence[int], batch_size: int, colla
                           collate_fn=collate_fn)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def order_state(loader: Iterable) -> torch.Tensor:
+    """The state of what shuffles a training loader (its generator, or the length-grouped
+    sampler's RNG) as a tensor, for exact resumption; empty when nothing of its own does."""
+    if isinstance(getattr(loader, "batch_sampler", None), LengthGroupedSampler):
+        version, internal, _ = loader.batch_sampler.rng.getstate()  # shuffling leaves no cached gauss
+        return torch.tensor([version, *internal], dtype=torch.int64)
+    if getattr(loader, "generator", None) is not None:
+        return loader.generator.get_state()
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def set_order_state(loader: Iterable, state: torch.Tensor) -> None:
+    if isinstance(getattr(loader, "batch_sampler", None), LengthGroupedSampler):
+        values = state.tolist()
+        loader.batch_sampler.rng.setstate((values[0], tuple(values[1:]), None))
+    elif state.numel():
+        loader.generator.set_state(state)

@@ -60,6 +60,38 @@ def label_names(splits: Splits) -> list[str]:
     return labels
 
 
+def deduplicate(examples: list[Example]) -> list[Example]:
+    """The first occurrence of each text (before splitting: no text in two splits)."""
+    seen: set[str] = set()
+    kept = []
+    for text, label in examples:
+        if text not in seen:
+            seen.add(text)
+            kept.append((text, label))
+    return kept
+
+
+def warn_about(splits: Splits) -> list[str]:
+    """Warnings a user should see before training: labels that differ only in case, and texts
+    that stand in more than one split (an optimistic validation or test accuracy)."""
+    warnings = []
+    spellings: dict[str, set[str]] = {}
+    for _, part in splits.items():
+        for _, label in part:
+            spellings.setdefault(label.casefold(), set()).add(label)
+    for variants in spellings.values():
+        if len(variants) > 1:
+            warnings.append(f"labels {', '.join(map(repr, sorted(variants)))} differ only in case; they are "
+                            "trained as different classes")
+    train_texts = {text for text, _ in splits.train}
+    for name, part in (("validation", splits.validation), ("test", splits.test)):
+        shared = sum(text in train_texts for text, _ in part)
+        if shared:
+            warnings.append(f"{shared} of {len(part)} {name} texts also stand in the training split "
+                            "(--dedupe removes repeated texts before splitting)")
+    return warnings
+
+
 def write_split(path: Path, examples: list[Example]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -78,7 +110,6 @@ class ClassificationDataset(torch.utils.data.Dataset):
         index = {name: i for i, name in enumerate(labels)}
         self.token_ids = [tokenizer.encode(text)[:max_length] for text, _ in examples]
         self.labels = [index[label] for _, label in examples]
-        self.max_length = max_length
 
     def __len__(self) -> int:
         return len(self.labels)

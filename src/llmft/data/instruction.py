@@ -11,7 +11,7 @@ import logging
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -61,11 +61,17 @@ def load_instruction_data(path_or_name: str | Path, instruction_key: str = "inst
     return entries
 
 
+class InstructionSplits(NamedTuple):
+    train: list[dict]
+    validation: list[dict]
+    test: list[dict]
+
+
 def split_instruction_data(entries: Sequence[dict], seed: int = 123,
                            fractions: tuple[float, float, float] = (0.85, 0.10, 0.05),
-                           shuffle: bool = True) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, test, validation) in the book's order and sizes: train is the first
-    int(0.85 n), test the next int(0.10 n), validation the rest (1,100 -> 935/110/55).
+                           shuffle: bool = True) -> InstructionSplits:
+    """Train, validation and test in the book's sizes: train is the first int(0.85 n), test the
+    next int(0.10 n), validation the rest (1,100 -> 935 train, 110 test, 55 validation).
 
     `shuffle=False` reproduces the book exactly (it splits the file in order); shuffling uses
     `random.Random(seed)`, so a split is the same on every machine.
@@ -77,8 +83,8 @@ def split_instruction_data(entries: Sequence[dict], seed: int = 123,
         random.Random(seed).shuffle(data)
     train_portion = int(len(data) * fractions[0])
     test_portion = int(len(data) * fractions[1])
-    return (data[:train_portion], data[train_portion:train_portion + test_portion],
-            data[train_portion + test_portion:])
+    return InstructionSplits(train=data[:train_portion], test=data[train_portion:train_portion + test_portion],
+                             validation=data[train_portion + test_portion:])
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -98,8 +104,9 @@ class InstructionDataset(Dataset):
     the book, so the ids match the book's; the prompt length is the common prefix of that and the
     encoded prompt (a merge across the boundary counts as response).
 
-    Examples longer than `allowed_max_length` tokens are cut to that length (keeping the start)
-    and counted in `n_truncated`; one warning reports the count.
+    Examples longer than `allowed_max_length` tokens are counted in `n_truncated` (one warning
+    reports the count) but kept whole: `collate_instruction` cuts them, after appending the
+    end-of-text token, as the book's collate does, so a cut example does not learn to stop there.
     """
 
     def __init__(self, entries: Sequence[Mapping[str, Any]], tokenizer: Any,
@@ -109,20 +116,16 @@ class InstructionDataset(Dataset):
         self.prompt_style = style
         self.encoded_texts: list[list[int]] = []
         self.prompt_lengths: list[int] = []
-        self.n_truncated = 0
         for entry in self.data:
             prompt = style.format(entry)
             ids = tokenizer.encode(prompt + style.response_text(entry))
-            prompt_len = _common_prefix_length(ids, tokenizer.encode(prompt))
-            if allowed_max_length is not None and len(ids) > allowed_max_length:
-                ids = ids[:allowed_max_length]
-                prompt_len = min(prompt_len, allowed_max_length)
-                self.n_truncated += 1
             self.encoded_texts.append(ids)
-            self.prompt_lengths.append(prompt_len)
+            self.prompt_lengths.append(_common_prefix_length(ids, tokenizer.encode(prompt)))
+        limit = allowed_max_length
+        self.n_truncated = 0 if limit is None else sum(len(ids) > limit for ids in self.encoded_texts)
         if self.n_truncated:
             log.warning("%d of %d instruction examples are longer than %d tokens and were truncated",
-                        self.n_truncated, len(self.data), allowed_max_length)
+                        self.n_truncated, len(self.data), limit)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"input_ids": self.encoded_texts[index], "prompt_len": self.prompt_lengths[index]}
@@ -133,7 +136,7 @@ class InstructionDataset(Dataset):
 
 def collate_instruction(batch: Sequence[Sequence[int] | Mapping[str, Any]], pad_token_id: int,
                         ignore_index: int = -100, allowed_max_length: int | None = None,
-                        mask_prompt: bool = False, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                        mask_prompt: bool = False) -> dict[str, torch.Tensor]:
     """The book's `custom_collate_fn`: ``{"input_ids": (B, T), "targets": (B, T)}``.
 
     Every item gets one end-of-text (pad) token and is padded to the longest item + 1; inputs
@@ -163,8 +166,7 @@ def collate_instruction(batch: Sequence[Sequence[int] | Mapping[str, Any]], pad_
             targets = targets[:allowed_max_length]
         inputs_lst.append(inputs)
         targets_lst.append(targets)
-    return {"input_ids": torch.stack(inputs_lst).to(device),
-            "targets": torch.stack(targets_lst).to(device)}
+    return {"input_ids": torch.stack(inputs_lst), "targets": torch.stack(targets_lst)}
 
 
 def _ids(item: Sequence[int] | Mapping[str, Any]) -> Sequence[int]:

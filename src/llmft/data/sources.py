@@ -7,6 +7,7 @@ decode strictly and report the file and line of anything they cannot use.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -48,6 +49,8 @@ def resolve_data(name_or_path: str) -> Path:
     named = NAMED_DATASETS.get(name_or_path)
     if named is None:
         path = Path(name_or_path)
+        if path.is_dir():
+            raise LlmftError(f"{path}: is a directory, expected a data file")
         if not path.is_file():
             raise LlmftError(f"{path}: data file not found (or use a name: {', '.join(NAMED_DATASETS)})")
         return path
@@ -68,18 +71,20 @@ def resolve_data(name_or_path: str) -> Path:
 
 
 def read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file; undecodable bytes are reported with their line number."""
+    """Lines of a UTF-8 text file (a byte-order mark is skipped); undecodable bytes are
+    reported with their line number."""
+    if path.is_dir():
+        raise LlmftError(f"{path}: is a directory, expected a data file")
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise LlmftError(f"{path}: cannot read ({e.strerror})") from None
-    lines = raw.splitlines()
     out = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(raw.removeprefix(codecs.BOM_UTF8).splitlines(), 1):
         try:
             out.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise LlmftError(f"{path}, line {number}: not valid UTF-8 (byte {e.start})") from None
+            raise LlmftError(f"{path}, line {number}: not valid UTF-8 (at byte offset {e.start} of the line)") from None
     return out
 
 
@@ -88,12 +93,17 @@ def json_records(path: Path) -> list[tuple[Any, str]]:
     (and its line, for JSON Lines) for error messages."""
     lines = read_lines(path)
     text = "\n".join(lines)
-    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
+    if path.suffix != ".jsonl" and text.lstrip().startswith(("[", "{")):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise LlmftError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        return [(obj, f"entry {i}") for i, obj in enumerate(data)]
+            if text.lstrip().startswith("["):
+                raise LlmftError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        else:
+            if isinstance(data, dict):
+                raise LlmftError(f"{path}: expected a JSON list of objects (or JSON Lines), got one object "
+                                 f"with keys {', '.join(map(repr, list(data)[:5]))}")
+            return [(obj, f"entry {i}") for i, obj in enumerate(data)]
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -110,8 +120,10 @@ def read_labelled_texts(path: Path, text_column: str = "text", label_column: str
     """(text, label) pairs from JSONL, CSV/TSV with a header row, or header-less
     `label<TAB>text` lines (the SMS Spam Collection's format, read without CSV quoting)."""
     lines = read_lines(path)
-    if not lines:
+    if not any(line.strip() for line in lines):
         raise LlmftError(f"{path}: file is empty")
+    if text_column == label_column:
+        raise LlmftError(f"--text-column and --label-column are both {text_column!r}: name two columns")
     if path.suffix in (".jsonl", ".json"):
         return _read_json(path, text_column, label_column)
     delimiter = "," if path.suffix == ".csv" else "\t"
@@ -147,7 +159,16 @@ def _read_table(path: Path, lines: list[str], delimiter: str, text_column: str, 
         raise LlmftError(f"{path}, line 1: missing column(s) {', '.join(map(repr, missing))}; "
                          f"found {', '.join(map(repr, reader.fieldnames or []))} "
                          f"(choose with --text-column/--label-column)")
-    return [_checked(path, reader.line_num, row[text_column], row[label_column]) for row in reader]
+    pairs = []
+    for row in reader:
+        if None in row:  # DictReader files surplus fields under None
+            raise LlmftError(f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields, "
+                             f"but the header names {len(reader.fieldnames)} (quote a text that holds "
+                             f"{delimiter!r})")
+        pairs.append(_checked(path, reader.line_num, row[text_column], row[label_column]))
+    if not pairs:
+        raise LlmftError(f"{path}: has a header row but no data rows")
+    return pairs
 
 
 def _read_json(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:

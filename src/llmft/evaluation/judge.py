@@ -230,7 +230,6 @@ def judge_responses(entries: Sequence[Mapping[str, Any]], judge: Judge, out_path
         if missing:
             raise LlmftError(f"entry {i}: missing or non-string {missing[0]!r}")
     previous = _load_previous(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     records: list[dict | None] = []
     for entry in entries:
         prompt = judge_prompt(entry, response_key)
@@ -238,6 +237,7 @@ def judge_responses(entries: Sequence[Mapping[str, Any]], judge: Judge, out_path
 
     def save() -> None:
         done = [r for r in records if r is not None]
+        out_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_path, {"judge": judge.name, "n_entries": len(entries), "entries": done})
 
     todo = [i for i, r in enumerate(records) if r is None]
@@ -250,8 +250,9 @@ def judge_responses(entries: Sequence[Mapping[str, Any]], judge: Judge, out_path
         except LlmftError as e:
             bar.close()
             n_saved = sum(r is not None for r in records)
-            raise LlmftError(f"{e} ({n_saved} of {len(entries)} scores saved in {out_path}; "
-                             f"run again to resume)") from None
+            saved = (f"{n_saved} of {len(entries)} scores saved in {out_path}; run again to resume" if n_saved
+                     else "no score saved")
+            raise LlmftError(f"{e} ({saved})") from None
         records[i] = {"index": i, "fingerprint": _fingerprint(judge.name, prompt),
                       "score": parse_score(reply), "reply": reply}
         save()

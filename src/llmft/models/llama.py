@@ -26,8 +26,10 @@ class SwiGLU(nn.Module):
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
-    """1 / theta^(2i/d), with Llama-3's smooth stretch of the low frequencies when scaling is set."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    """1 / theta^(2i/d), with Llama-3's smooth stretch of the low frequencies when scaling is set.
+    Computed in float64 on the CPU, whatever the default device (a model built on the meta device
+    still needs the real numbers)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
     if scaling is None:
         return inv_freq.float()
     wavelen = 2 * math.pi / inv_freq
@@ -42,10 +44,9 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
 
 
 class Llama(DecoderLM):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
-        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+    def init_buffers(self) -> None:
+        inv_freq = rope_inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq.to(self.tok_emb.weight.device), persistent=False)
 
     def make_norm(self) -> nn.Module:
         return nn.RMSNorm(self.cfg.emb_dim, eps=self.cfg.norm_eps)

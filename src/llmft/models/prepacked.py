@@ -1,10 +1,10 @@
 """Decoding on CPU with the `Linear` weights prepacked for oneDNN.
 
 A decoding step multiplies a few rows (one new token per sequence) by every weight matrix. On a
-CPU that is bound by how fast the weights stream from memory, and `nn.Linear`'s GEMM for a
-handful of rows is 1.5–2× slower than oneDNN's GEMM on a copy of the weights reordered once
-into its blocked layout (this project's 2-core EPYC, one thread, 90 matrices of
-SmolLM2's MLP shape: 1 row 35.9 → 23.3 ms, 4 rows 38.0 → 19.2 ms, 8 rows 45.9 → 25.4 ms).
+CPU that is bound by how fast the weights stream from memory, and `nn.Linear`'s GEMM streams
+them slowly for a handful of rows: oneDNN's GEMM on a copy of the weights reordered once into
+its blocked layout is markedly faster at these row counts (see docs/benchmarks.md, "Generation
+on CPU: prepacked weights and prompt-lookup guesses").
 
 `prepacked_linears(model)` swaps every plain `Linear` for a `PrepackedLinear` for the duration of
 a `with` block (LoRA-wrapped ones included: their frozen base is a plain `Linear`). The model's
@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from llmft.models.transformer import plain_weight
 
 # oneDNN chooses its layout for this many rows: faster than a layout for 1 row at every row count
 # from 1 to 512 measured; 4, 16 and 64 were no better in a whole decoding step.
@@ -37,27 +39,32 @@ def can_prepack(model: nn.Module) -> bool:
 class PrepackedLinear(nn.Module):
     """y = x Wᵀ + b through oneDNN with W reordered once; inference only (no autograd)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS_HINT)
-        self.bias = None if linear.bias is None else linear.bias.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+        self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def plain_weight(self) -> None:
+        """Not plain (`llmft.models.transformer.plain_weight`): W is held only in oneDNN's
+        blocked layout. So weight absorption passes it by, and it is never packed twice."""
+        return None
 
 
 @contextmanager
 def prepacked_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Run the model's plain `Linear`s on prepacked weights inside the block (a no-op when not
     `enabled`, where `can_prepack` says no, and for a model already inside such a block)."""
-    swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if type(child) is nn.Linear] if enabled else []
+    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+             if plain_weight(child) is not None] if enabled else []
     if not swaps or not can_prepack(model):
         yield
         return
     try:
         for parent, name, linear in swaps:
-            setattr(parent, name, PrepackedLinear(linear))
+            setattr(parent, name, PrepackedLinear(*plain_weight(linear)))
         yield
     finally:
         for parent, name, linear in swaps:

@@ -3,7 +3,7 @@
 `DecoderLM` is the whole skeleton: token embedding, a stack of pre-norm `Block`s, final norm,
 output head. An architecture (`gpt2.py`, `llama.py`) only says which norm, which MLP and how
 positions enter (learned embeddings or rotary). Everything downstream (classification heads,
-freezing, LoRA, the activation cache, generation) relies on these names:
+freezing, adapters, the activation cache, generation) relies on these names:
 ``tok_emb``, ``blocks[i].attn.{query,key,value,proj}``, ``blocks[i].mlp``, ``final_norm``,
 ``out_head``.
 """
@@ -11,6 +11,7 @@ freezing, LoRA, the activation cache, generation) relies on these names:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from llmft.models.config import ModelConfig
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (B, T, head_dim)
+Projection = tuple[torch.Tensor, torch.Tensor | None]  # (W, b) of y = x Wᵀ + b
 
 
 class KVCache(nn.Module):
@@ -40,10 +42,32 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def plain_weight(layer: nn.Module) -> Projection | None:
+    """(W, b) when `layer` computes exactly y = x Wᵀ + b with these very tensors, else None.
+
+    Code that uses W itself instead of calling the layer (weight absorption, prepacking) asks
+    here. An `nn.Linear` is plain; any other layer answers through its own `plain_weight()`
+    method, and a layer without one is not plain.
+    """
+    if type(layer) is nn.Linear:
+        return layer.weight, layer.bias
+    answer = getattr(layer, "plain_weight", None)
+    return answer() if callable(answer) else None
+
+
 def take_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[b, index[b, j]] for every row b: (B, T, ...) -> (B, K, ...)."""
     index = index.view(*index.shape, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
     return x.gather(1, index)
+
+
+def kept_mask(keep: torch.Tensor, T: int, cache_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """The (B, 1, K, S) rows of the attention mask for the queries at positions `keep` (B, K): a
+    given mask's rows, else causal (a query sees the cached prefix and the tokens up to itself)."""
+    if mask is not None:
+        return mask.gather(2, keep[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+    slots = torch.arange(cache_pos + T, device=keep.device)
+    return (slots <= cache_pos + keep.unsqueeze(-1)).unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
@@ -67,44 +91,75 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
-                cache_pos: int | None, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention outputs (B, T, C) at every position, or (B, K, C) at positions `keep` (B, K)
-        only: keys and values still cover every position, queries only the kept ones."""
-        B, T, _ = x.shape
-        xq, q_rope = x, rope
-        if keep is not None:
-            xq = take_positions(x, keep)
-            q_rope = None if rope is None else tuple(take_positions(t, keep) for t in rope)
-            mask = self.kept_mask(keep, T, cache_pos or 0, mask)
-        Tq = xq.shape[1]
-        q = self.query(xq).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)
-        if keep is not None and self.can_absorb(rope, cache_pos, Tq):
-            return self.proj(self.absorbed_attention(q, x, mask))
-        k = self.key(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.value(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+                cache_pos: int | None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). With a cache, the keys and values of earlier calls join in."""
+        T = x.shape[1]
+        q = self.split_heads(self.query(x), self.n_heads)  # (B, H, T, d)
         if rope is not None:
-            q, k = apply_rope(q, q_rope), apply_rope(k, rope)
-        if self.kv_cache is not None and cache_pos is not None:
-            k, v = self.kv_cache.update(cache_pos, k, v)
+            q = apply_rope(q, rope)
+        k, v = self.keys_values(x, rope, cache_pos)  # (B, H_kv, S, d), S = cached prefix + T
         S = k.shape[2]
         if mask is None and 1 < T < S:  # chunked prefill: causal, shifted by the cached prefix
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
+        return self.proj(self.attend(q, k, v, mask))  # (B, T, C)
+
+    def forward_kept(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
+                     cache_pos: int | None, keep: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (B, K, C): the outputs at positions `keep` (B, K) only. Keys and values
+        still cover every position, queries only the kept ones."""
+        T = x.shape[1]
+        mask = kept_mask(keep, T, cache_pos or 0, mask)  # (B, 1, K, S)
+        q = self.split_heads(self.query(take_positions(x, keep)), self.n_heads)  # (B, H, K, d)
+        absorbable = self.absorbable(rope, cache_pos, keep.shape[1])
+        if absorbable is not None:
+            return self.proj(self.absorbed_attention(q, x, mask, *absorbable))  # (B, K, C)
+        if rope is not None:
+            q = apply_rope(q, tuple(take_positions(t, keep) for t in rope))
+        k, v = self.keys_values(x, rope, cache_pos)  # (B, H_kv, S, d)
+        return self.proj(self.attend(q, k, v, mask))  # (B, K, C)
+
+    def split_heads(self, y: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """A projection's output (B, T, n_heads·d) split into heads: (B, n_heads, T, d)."""
+        B, T, _ = y.shape
+        return y.view(B, T, n_heads, self.head_dim).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor, rope: Rope | None,
+                    cache_pos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H_kv, S, d) of x (B, T, C), after the cached ones when caching."""
+        k = self.split_heads(self.key(x), self.n_kv_heads)  # (B, H_kv, T, d)
+        v = self.split_heads(self.value(x), self.n_kv_heads)  # (B, H_kv, T, d)
+        if rope is not None:
+            k = apply_rope(k, rope)
+        if self.kv_cache is not None and cache_pos is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)  # (B, H_kv, S, d)
+        return k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q kᵀ / √d) v for queries q (B, H, Tq, d), heads merged: (B, Tq, H·d).
+        No mask: causal (a single query sees every key)."""
+        B, H, Tq, d = q.shape
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and Tq > 1,
             dropout_p=self.drop_rate if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.proj(y.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim))
+        )  # (B, H, Tq, d)
+        return y.transpose(1, 2).reshape(B, Tq, H * d)
 
-    def can_absorb(self, rope: Rope | None, cache_pos: int | None, Tq: int) -> bool:
-        """Few queries (cheaper than keys and values for all), no rotary positions, no cache,
-        plain key/value weights (not LoRA-wrapped), no attention dropout."""
+    def absorbable(self, rope: Rope | None, cache_pos: int | None,
+                   K: int) -> tuple[Projection, Projection] | None:
+        """The key and value (W, b) when `absorbed_attention` is exact and cheaper, else None:
+        few queries (K·H below the model width), no rotary positions, no cache, no attention
+        dropout, and plain key and value projections (`plain_weight`)."""
         if rope is not None or cache_pos is not None or (self.training and self.drop_rate > 0):
-            return False
-        plain = type(self.key) is nn.Linear and type(self.value) is nn.Linear
-        return plain and Tq * self.n_heads < self.key.in_features
+            return None
+        key, value = plain_weight(self.key), plain_weight(self.value)
+        if key is None or value is None or K * self.n_heads >= key[0].shape[1]:
+            return None
+        return key, value
 
-    def absorbed_attention(self, q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def absorbed_attention(self, q: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                           key: Projection, value: Projection) -> torch.Tensor:
         """Attention for a few queries q (B, H, K, d) without computing keys and values.
 
         A query's score against position t is q·(W_k x_t + b_k) = (W_k^T q)·x_t + q·b_k (the last
@@ -114,28 +169,22 @@ class CausalSelfAttention(nn.Module):
         "weight absorption"). Needs positions that don't rotate keys (GPT-2's learned ones).
         """
         B, H, K, d = q.shape
+        (w_k, b_k), (w_v, b_v) = key, value
 
         def per_query_head(t: torch.Tensor) -> torch.Tensor:
             """A key/value weight (H_kv·d, C) or bias (H_kv·d,) as (H, d, ...): GQA shares it."""
             return t.view(self.n_kv_heads, d, *t.shape[1:]).repeat_interleave(H // self.n_kv_heads, 0)
 
-        scores = torch.einsum("bhkc,btc->bhkt", torch.einsum("bhkd,hdc->bhkc", q, per_query_head(self.key.weight)), x)
-        if self.key.bias is not None:  # softmax ignores it; kept so b_k still gets its (zero) gradient
-            scores = scores + torch.einsum("bhkd,hd->bhk", q, per_query_head(self.key.bias)).unsqueeze(-1)
-        p = torch.softmax((scores / math.sqrt(d)).masked_fill(~mask, float("-inf")), dim=-1)
-        y = torch.einsum("bhkc,hdc->bkhd", torch.einsum("bhkt,btc->bhkc", p, x), per_query_head(self.value.weight))
-        if self.value.bias is not None:
-            y = y + per_query_head(self.value.bias)
+        q_x = torch.einsum("bhkd,hdc->bhkc", q, per_query_head(w_k))  # (B, H, K, C): W_k^T q
+        scores = torch.einsum("bhkc,btc->bhkt", q_x, x)  # (B, H, K, T)
+        if b_k is not None:  # softmax ignores it; kept so b_k still gets its (zero) gradient
+            scores = scores + torch.einsum("bhkd,hd->bhk", q, per_query_head(b_k)).unsqueeze(-1)
+        p = torch.softmax((scores / math.sqrt(d)).masked_fill(~mask, float("-inf")), dim=-1)  # (B, H, K, T)
+        p_x = torch.einsum("bhkt,btc->bhkc", p, x)  # (B, H, K, C): sum_t p_t x_t
+        y = torch.einsum("bhkc,hdc->bkhd", p_x, per_query_head(w_v))  # (B, K, H, d)
+        if b_v is not None:
+            y = y + per_query_head(b_v)
         return y.reshape(B, K, H * d)
-
-    @staticmethod
-    def kept_mask(keep: torch.Tensor, T: int, cache_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """The (B, 1, K, S) rows of the attention mask for the kept queries: a given mask's rows,
-        else causal (a query sees the cached prefix and the tokens up to itself)."""
-        if mask is not None:
-            return mask.gather(2, keep[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
-        slots = torch.arange(cache_pos + T, device=keep.device)
-        return (slots <= cache_pos + keep.unsqueeze(-1)).unsqueeze(1)
 
 
 class Block(nn.Module):
@@ -148,9 +197,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
                 cache_pos: int | None, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C), or (B, K, C) at positions `keep` only (see `run_blocks`)."""
-        attended = self.attn(self.norm1(x), rope, mask, cache_pos, keep)
-        x = (x if keep is None else take_positions(x, keep)) + self.drop_shortcut(attended)
+        """(B, T, C) -> (B, T, C), or (B, K, C) at positions `keep` (B, K) only (see `run_blocks`)."""
+        if keep is None:
+            attended = self.attn(self.norm1(x), rope, mask, cache_pos)  # (B, T, C)
+        else:  # from here on only the kept positions: residual, MLP
+            attended = self.attn.forward_kept(self.norm1(x), rope, mask, cache_pos, keep)  # (B, K, C)
+            x = take_positions(x, keep)  # (B, K, C)
+        x = x + self.drop_shortcut(attended)
         return x + self.drop_shortcut(self.mlp(self.norm2(x)))
 
 
@@ -176,8 +229,8 @@ class DecoderLM(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.grad_checkpoint = False
         self.apply(self._init_weights)
-        if cfg.tie_embeddings:
-            self.out_head.weight = self.tok_emb.weight
+        self.tie_weights()
+        self.init_buffers()
 
     # -- what an architecture provides -------------------------------------------------
     def make_norm(self) -> nn.Module:
@@ -193,6 +246,25 @@ class DecoderLM(nn.Module):
     def rope(self, positions: torch.Tensor) -> Rope | None:
         """Rotary (cos, sin) for these positions, or None."""
         return None
+
+    def init_buffers(self) -> None:
+        """Register the buffers computed from the config (never saved, never loaded), on the
+        device of the weights."""
+
+    # -- weights -----------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings``, make the output head's weight the token embedding's."""
+        if self.cfg.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+
+    def assign_weights(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Make the tensors of a complete state dict the parameters, without copying them: a
+        model built on the meta device (`llmft.models.meta_model`) becomes a real one. The
+        head is tied again (assigning gave it a parameter of its own) and the buffers are
+        computed on the weights' device."""
+        self.load_state_dict(state, assign=True)
+        self.tie_weights()
+        self.init_buffers()
 
     # -- the shared forward ------------------------------------------------------------
     @staticmethod
@@ -224,11 +296,11 @@ class DecoderLM(nn.Module):
         rope = self.rope(positions)
         blocks = self.blocks[start:stop]
         for i, block in enumerate(blocks):
-            args = (x, rope, mask, cache_pos, keep if i == len(blocks) - 1 else None)
+            block_keep = keep if i == len(blocks) - 1 else None  # earlier blocks: every position
             if self.grad_checkpoint and self.training:
-                x = checkpoint(block, *args, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, cache_pos, block_keep, use_reentrant=False)
             else:
-                x = block(*args)
+                x = block(x, rope, mask, cache_pos, block_keep)
         return x
 
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,31 +13,32 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from llmft.checkpoint import load_finetuned, save_finetuned
-from llmft.data.classification import (
-    ClassificationDataset, Splits, balance, class_counts, collate_classification, label_names, longest,
-    split, write_split,
-)
+from llmft.checkpoint import base_spec, load_finetuned, save_finetuned, weights_fingerprint
 from llmft.data.batching import make_loader
+from llmft.data.classification import (
+    ClassificationDataset, Splits, balance, class_counts, collate_classification, deduplicate, label_names,
+    longest, split, warn_about, write_split,
+)
 from llmft.data.sources import read_labelled_texts, resolve_data
 from llmft.errors import LlmftError
+from llmft.pipelines.options import RunOptions, existing_paths
 from llmft.plots import plot_values
+from llmft.rundir import RunDir, RunMeta, create_run
+from llmft.tasks import expect_task
+from llmft.tokenizers import Tokenizer
 from llmft.training.activation_cache import cache_start, cached_loaders
-from llmft.rundir import atomic_write_json, check_new_run_dir, staged_run_dir
 from llmft.training.freezing import apply_trainable, count_parameters
-from llmft.training.heads import SequenceClassifier, check_pooling
-from llmft.training.lora import LoRAConfig, apply_lora, check_finetune
-from llmft.training.loop import (
-    Batch, TrainConfig, autocast, resolve_device, seed_everything, to_device, train,
-)
+from llmft.training.heads import SequenceClassifier, check_class_token
+from llmft.training.lora import apply_lora
+from llmft.training.loop import Batch, autocast, resolve_device, seed_everything, to_device, train
 from llmft.training.resources import peak_memory_mb
-from llmft.weights import load_pretrained
+from llmft.weights import Pretrained, load_pretrained
 
 log = logging.getLogger("llmft")
 
 
-@dataclass
-class ClassifyOptions:
+@dataclass(kw_only=True)
+class ClassifyOptions(RunOptions):
     model: str = "gpt2-small"
     data: str = "sms-spam"
     out: Path = Path("runs/spam")
@@ -46,18 +47,29 @@ class ClassifyOptions:
     validation_data: str | None = None  # explicit splits instead of cutting `data`
     test_data: str | None = None
     balance: bool = True
+    dedupe: bool = False  # drop repeated texts before balancing and splitting
     split: tuple[float, float] = (0.7, 0.1)  # train, validation; test is the rest
-    max_length: int | None = None  # default: longest training example, capped at the context
-    pooling: str = "last"
+    class_token: str = "last"  # which hidden state the head reads (heads.CLASS_TOKENS)
     trainable: str = "last-block"  # with finetune="full"
-    finetune: str = "full"  # or "lora": low-rank adapters on the frozen model (book appendix E)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    random_init: bool = False
-    config_overrides: dict[str, Any] = field(default_factory=dict)  # random-init shape changes
     book_compat: bool = False  # the book's computation: pad all to max_length, token at -1, no cache
     activation_cache: bool = True  # reuse the frozen prefix's outputs when that is exact
-    overwrite: bool = False
-    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_class_token(self.class_token)
+        train_frac, val_frac = self.split
+        if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
+            raise LlmftError(f"--train-frac {train_frac} and --val-frac {val_frac}: each must be between 0 "
+                             "and 1 and together below 1 (the test split is the rest)")
+        if bool(self.validation_data) != bool(self.test_data):
+            raise LlmftError("--validation-data and --test-data go together")
+
+    @property
+    def effective_class_token(self) -> str:
+        return "last-padded" if self.book_compat else self.class_token
+
+    def inputs(self) -> list[Path]:
+        return existing_paths(self.model, self.data, self.validation_data, self.test_data)
 
 
 class ClassificationTask:
@@ -127,17 +139,21 @@ def load_splits(opts: ClassifyOptions) -> Splits:
     def read(name: str) -> list[tuple[str, str]]:
         return read_labelled_texts(resolve_data(name), opts.text_column, opts.label_column)
 
-    examples = read(opts.data)
-    if opts.validation_data or opts.test_data:
-        if not (opts.validation_data and opts.test_data):
-            raise LlmftError("--validation-data and --test-data go together")
+    examples = deduplicate(read(opts.data)) if opts.dedupe else read(opts.data)
+    if opts.validation_data:
         splits = Splits(examples, read(opts.validation_data), read(opts.test_data))
         if opts.balance:
             splits.train = balance(splits.train, seed)
-        return splits
-    if opts.balance:
-        examples = balance(examples, seed)
-    return split(examples, opts.split, seed)
+    else:
+        splits = split(balance(examples, seed) if opts.balance else examples, opts.split, seed)
+    return splits
+
+
+def require_examples(splits: Splits, opts: ClassifyOptions) -> None:
+    for name, part in splits.items():
+        if not part:
+            raise LlmftError(f"the {name} split is empty ({len(splits.train)} training examples from "
+                             f"{opts.data}); use more data or other --train-frac/--val-frac")
 
 
 def make_loaders(splits: Splits, tokenizer, labels: list[str], max_length: int, batch_size: int,
@@ -153,57 +169,61 @@ def make_loaders(splits: Splits, tokenizer, labels: list[str], max_length: int, 
     return loaders
 
 
-def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
-    """The whole recipe: data → model surgery → training → final accuracies → run directory."""
-    check_pooling(opts.pooling)
-    check_finetune(opts.finetune)
-    if opts.book_compat:
-        opts.pooling = "last-padded"
-    check_new_run_dir(opts.out, opts.overwrite)
-    seed_everything(opts.train.seed)
-    splits = load_splits(opts)
-    labels = label_names(splits)
-    pretrained = load_pretrained(opts.model, random_init=opts.random_init, overrides=opts.config_overrides)
-    tokenizer, context = pretrained.tokenizer, pretrained.config.context_length
-    if opts.max_length is not None and opts.max_length > context:
-        raise LlmftError(f"--max-length {opts.max_length} exceeds the model's context of {context} tokens")
-    max_length = opts.max_length or min(longest(splits.train, tokenizer), context)
-    loaders = make_loaders(splits, tokenizer, labels, max_length, opts.train.batch_size, opts.train.seed,
-                           pad_to=max_length if opts.book_compat else None,
-                           group_by_length=opts.train.group_by_length)
+def build_classifier(opts: ClassifyOptions, pretrained: Pretrained, labels: list[str]) -> tuple[SequenceClassifier, RunMeta]:
+    """The pretrained model with a new head and the chosen parameters trainable, and the
+    run.json that rebuilds it (max_length filled in later)."""
+    lora = opts.finetune == "lora"
+    fingerprint = weights_fingerprint(pretrained.model) if lora and not opts.random_init else None
     seed_everything(opts.train.seed)  # the new head's init does not depend on data loading
-    model = SequenceClassifier(pretrained.model, len(labels), opts.pooling)
+    model = SequenceClassifier(pretrained.model, len(labels), opts.effective_class_token)
     model.token_only_last_block = not opts.book_compat
     policy = surgery(model, opts)
     trainable, total = count_parameters(model)
-    log.info("data: %s | labels %s | max length %d tokens",
-             ", ".join(f"{n} {len(e)} {class_counts(e)}" for n, e in splits.items()), labels, max_length)
     log.info("trainable parameters: %s of %s (%s)", f"{trainable:,}", f"{total:,}", policy)
-    device = resolve_device(opts.train.device)
-    start = cache_start(model) if opts.activation_cache and not opts.book_compat else 0
-    if start:
-        loaders = cached_loaders(model, loaders, opts.train.seed, device, start,
-                                 opts.train.group_by_length)
-    task = ClassificationTask(loaders["train"], loaders["validation"], opts.train.eval_iter, device, start)
+    meta = RunMeta(task="classification", model=base_spec(opts.model), model_config=pretrained.config.to_dict(),
+                   max_length=0, random_init=opts.random_init, base_fingerprint=fingerprint,
+                   lora=opts.lora.to_dict() if lora else None, labels=labels,
+                   class_token=opts.effective_class_token, options=opts.record())
+    return model, meta
 
-    with staged_run_dir(opts.out, opts.overwrite) as run_dir:
+
+def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
+    """The whole recipe: data → model surgery → training → final accuracies → run directory."""
+    with create_run(opts.out, opts.overwrite, opts.inputs(), resume=opts.resume) as run:
+        seed_everything(opts.train.seed)
+        splits = load_splits(opts)
+        labels = label_names(splits)
+        require_examples(splits, opts)
+        for warning in warn_about(splits):
+            log.warning("warning: %s", warning)
+        pretrained = load_pretrained(opts.model, random_init=opts.random_init, overrides=opts.config_overrides)
+        tokenizer = pretrained.tokenizer
+        max_length = opts.max_length_within(pretrained.config.context_length, longest(splits.train, tokenizer))
+        loaders = make_loaders(splits, tokenizer, labels, max_length, opts.train.batch_size, opts.train.seed,
+                               pad_to=max_length if opts.book_compat else None,
+                               group_by_length=opts.train.group_by_length)
+        log.info("data: %s | labels %s | max length %d tokens",
+                 ", ".join(f"{n} {len(e)} {class_counts(e)}" for n, e in splits.items()), labels, max_length)
+        model, meta = build_classifier(opts, pretrained, labels)
+        meta.max_length = max_length
+        device = resolve_device(opts.train.device)
+        start = cache_start(model) if opts.activation_cache and not opts.book_compat else 0
+        if start:
+            loaders = cached_loaders(model, loaders, opts.train.seed, device, start, opts.train.group_by_length)
+        task = ClassificationTask(loaders["train"], loaders["validation"], opts.train.eval_iter, device, start)
         for name, examples in splits.items():
-            write_split(run_dir / f"{name}.csv", examples)
-        start = time.perf_counter()
-        history = train(model, task, loaders["train"], loaders["validation"], opts.train, run_dir)
-        train_seconds = time.perf_counter() - start
+            write_split(run.split(name, ".csv"), examples)
+        began = time.perf_counter()
+        history = train(model, task, loaders["train"], loaders["validation"], opts.train, run.metrics(),
+                        checkpoints=opts.checkpoints(run))
         results = final_metrics(model, task, loaders, device, opts.train.precision)
-        results.update(train_seconds=round(train_seconds, 2), peak_memory_mb=peak_memory_mb(device),
+        trainable, total = count_parameters(model)
+        results.update(train_seconds=round(time.perf_counter() - began, 2), peak_memory_mb=peak_memory_mb(device),
                        trainable_parameters=trainable, total_parameters=total, max_length=max_length,
                        source=pretrained.source)
-        atomic_write_json(run_dir / "results.json", results)
-        plot_history(history, run_dir)
-        meta = {"task": "classification", "model": opts.model, "model_config": pretrained.config.to_dict(),
-                "labels": labels, "pooling": opts.pooling, "max_length": max_length,
-                "random_init": opts.random_init, "options": {**asdict(opts), "out": str(opts.out)}}
-        if opts.finetune == "lora":
-            meta["lora"] = opts.lora.to_dict()
-        save_finetuned(run_dir, model, tokenizer, meta)
+        run.write_results(results)
+        plot_history(history, run)
+        save_finetuned(run, model, tokenizer, meta)
     return results
 
 
@@ -229,40 +249,56 @@ def final_metrics(model, task: ClassificationTask, loaders: dict[str, DataLoader
     return out
 
 
-def plot_history(history, run_dir: Path) -> None:
+def plot_history(history, run: RunDir) -> None:
     steps = history.steps
     plot_values([s["epoch"] for s in steps], [s["examples_seen"] for s in steps],
-                [s["train_loss"] for s in steps], [s["val_loss"] for s in steps], "loss", run_dir / "loss")
+                [s["train_loss"] for s in steps], [s["val_loss"] for s in steps], "loss", run.plot("loss"))
     plot_values([e["epoch"] for e in history.epochs], [e["examples_seen"] for e in history.epochs],
                 [e["train_acc"] for e in history.epochs], [e["val_acc"] for e in history.epochs],
-                "accuracy", run_dir / "accuracy")
+                "accuracy", run.plot("accuracy"))
+
+
+def load_classifier(run_dir: Path | str, command: str) -> tuple[nn.Module, Tokenizer, RunMeta]:
+    model, tokenizer, meta = load_finetuned(run_dir)
+    expect_task(meta, "classification", run_dir, command)
+    return model, tokenizer, meta
 
 
 def evaluate_run(run_dir: Path, batch_size: int = 8, device: str = "auto") -> dict[str, Any]:
     """Accuracy and loss of a saved classifier on its own train/validation/test splits."""
-    model, tokenizer, meta = load_finetuned(run_dir)
-    splits = Splits(*(read_labelled_texts(Path(run_dir) / f"{n}.csv") for n in ("train", "validation", "test")))
-    loaders = make_loaders(splits, tokenizer, meta["labels"], meta["max_length"], batch_size, 0, None)
+    model, tokenizer, meta = load_classifier(run_dir, "classify eval")
+    run = RunDir(run_dir)
+    splits = Splits(*(read_labelled_texts(run.split(n, ".csv")) for n in ("train", "validation", "test")))
+    loaders = make_loaders(splits, tokenizer, meta.labels, meta.max_length, batch_size, 0, None)
     dev = resolve_device(device)
     model.to(dev)
     return final_metrics(model, ClassificationTask(loaders["train"], loaders["validation"], 0, dev),
                          loaders, dev)
 
 
-@torch.no_grad()
 def predict(run_dir: Path, texts: list[str], device: str = "auto", batch_size: int = 8) -> list[tuple[str, float]]:
     """(label, probability) for each text, with the saved model."""
-    model, tokenizer, meta = load_finetuned(run_dir)
-    dev = resolve_device(device)
-    model.to(dev)
     for number, text in enumerate(texts, 1):
         if not text.strip():
             raise LlmftError(f"text {number} is empty; nothing to classify")
+    model, tokenizer, meta = load_classifier(run_dir, "classify predict")
+    model.to(resolve_device(device))
     out = []
+    for probs in label_probabilities(model, tokenizer, texts, meta.max_length, batch_size):
+        best = max(range(len(probs)), key=probs.__getitem__)  # the first of equal ones, as argmax
+        out.append((meta.labels[best], probs[best]))
+    return out
+
+
+@torch.no_grad()
+def label_probabilities(model: nn.Module, tokenizer: Tokenizer, texts: list[str], max_length: int,
+                        batch_size: int = 8) -> list[list[float]]:
+    """Every label's probability for each text (in the head's order, `RunMeta.labels`), from
+    `batch_size` texts at a time, each cut to its first `max_length` tokens, on the model's device."""
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
     for start in range(0, len(texts), batch_size):
-        items = [(tokenizer.encode(t)[:meta["max_length"]], 0) for t in texts[start:start + batch_size]]
-        batch = to_device(collate_classification(items, tokenizer.eos_id), dev)
-        probs = torch.softmax(model(batch["input_ids"], batch["lengths"]), -1)
-        best = probs.argmax(-1)
-        out += [(meta["labels"][i], p) for i, p in zip(best.tolist(), probs.max(-1).values.tolist())]
+        items = [(tokenizer.encode(t)[:max_length], 0) for t in texts[start:start + batch_size]]
+        batch = to_device(collate_classification(items, tokenizer.eos_id), device)
+        out += torch.softmax(model(batch["input_ids"], batch["lengths"]), -1).tolist()
     return out

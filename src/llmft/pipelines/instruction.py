@@ -4,9 +4,13 @@ prompt style, answer held-out instructions, and chat with a model or a run."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import itertools
+import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,32 +19,33 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from llmft.checkpoint import RUN_FILE, load_finetuned, save_finetuned
+from llmft.checkpoint import base_spec, load_finetuned, save_finetuned, weights_fingerprint
 from llmft.data.batching import make_loader
 from llmft.data.instruction import (
-    InstructionDataset, collate_instruction, load_instruction_data, split_instruction_data,
+    InstructionDataset, InstructionSplits, collate_instruction, load_instruction_data, split_instruction_data,
 )
-from llmft.errors import LlmftError
+from llmft.errors import LlmftError, one_line
 from llmft.evaluation.metrics import score_responses
-from llmft.generation import generate
-from llmft.models.prepacked import prepacked_linears
+from llmft.generation import decoding_session, generate, stream_text, text_increments
 from llmft.plots import plot_values
 from llmft.prompts import PromptStyle, default_prompt_style, get_prompt_style
-from llmft.rundir import atomic_write_json, check_new_run_dir, read_json, staged_run_dir
+from llmft.pipelines.options import RunOptions
+from llmft.rundir import RunDir, RunMeta, atomic_write_json, create_run, read_json
+from llmft.tasks import expect_task
 from llmft.tokenizers import Tokenizer
 from llmft.training.freezing import count_parameters
-from llmft.training.lora import LoRAConfig, apply_lora, check_finetune
-from llmft.training.loop import Batch, TrainConfig, evaluate_loss, resolve_device, seed_everything, train
+from llmft.training.lora import apply_lora
+from llmft.training.loop import Batch, History, TrainConfig, evaluate_loss, resolve_device, seed_everything, train
 from llmft.training.resources import peak_memory_mb
 from llmft.weights import load_pretrained
 
 log = logging.getLogger("llmft")
 
-SPLITS = ("train", "validation", "test")
+SPLITS = InstructionSplits._fields  # train, validation, test
 
 
-@dataclass
-class InstructOptions:
+@dataclass(kw_only=True)
+class InstructOptions(RunOptions):
     model: str = "gpt2-medium"
     data: str = "instruction-data"
     out: Path = Path("runs/sft")
@@ -50,13 +55,7 @@ class InstructOptions:
     output_key: str = "output"
     shuffle_split: bool = True  # False: the book's split of the file in order
     mask_prompt: bool = False  # exercise 7.2: no loss on instruction and input tokens
-    max_length: int | None = None  # allowed_max_length; default: the model's context
     sample_tokens: int = 35  # the book's per-epoch sample length
-    finetune: str = "full"  # every parameter, or "lora": low-rank adapters on the frozen model
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    random_init: bool = False
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    overwrite: bool = False
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, eval_freq=5, eval_iter=5))
 
 
@@ -81,12 +80,12 @@ class InstructionTask:
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, Any]:
         model.eval()
-        sample = answer(model, self.tokenizer, self.style, [self.sample_entry], self.sample_tokens)[0]
+        sample = answer(model, self.tokenizer, self.style, [self.sample_entry], max_new_tokens=self.sample_tokens)[0]
         tqdm.write(f"sample: {self.style.format(self.sample_entry)}{sample}".replace("\n", " "))
         return {"sample": sample}
 
 
-def answer(model: nn.Module, tokenizer: Tokenizer, style: PromptStyle, entries: list[dict],
+def answer(model: nn.Module, tokenizer: Tokenizer, style: PromptStyle, entries: list[dict], *,
            max_new_tokens: int = 256, batch_size: int = 8, **sampling: Any) -> list[str]:
     """Each entry's answer: generate after the styled prompt, then cut the response out."""
     prompts = [style.format(e) for e in entries]
@@ -95,76 +94,110 @@ def answer(model: nn.Module, tokenizer: Tokenizer, style: PromptStyle, entries: 
     return [style.extract_response(t) for t in texts]
 
 
+def stream_answer(model: nn.Module, tokenizer: Tokenizer, style: PromptStyle, entry: dict,
+                  **sampling: Any) -> Iterator[str]:
+    """`answer` for one entry, in pieces as they are generated."""
+    pieces = stream_text(model, tokenizer, style.format(entry), stop_strings=style.stop_strings,
+                         eos_id=style.stop_token_ids(tokenizer), **sampling)
+    return response_pieces(style, pieces)
+
+
+def response_pieces(style: PromptStyle, pieces: Iterable[str]) -> Iterator[str]:
+    """`style.extract_response` of the text that `pieces` join to, in pieces: a piece comes once
+    the text so far can no longer turn out to start with the response header (which is cut off),
+    and whitespace only once more text follows it (the response is stripped)."""
+    header = style.response_header.strip()
+
+    def responses() -> Iterator[str]:
+        text = ""
+        for text in itertools.accumulate(pieces):
+            start = text.lstrip()
+            if not (header and len(start) < len(header) and header.startswith(start)):
+                yield style.extract_response(text)
+        yield style.extract_response(text)
+
+    return text_increments(responses())
+
+
 def resolve_style(name: str | None, tokenizer: Tokenizer) -> PromptStyle:
     return get_prompt_style(name, tokenizer) if name else default_prompt_style(tokenizer)
 
 
-def train_instructions(opts: InstructOptions) -> dict[str, Any]:
-    check_finetune(opts.finetune)
-    check_new_run_dir(opts.out, opts.overwrite)
-    seed_everything(opts.train.seed)
-    entries = load_instruction_data(opts.data, opts.instruction_key, opts.input_key, opts.output_key)
-    train_data, test_data, val_data = split_instruction_data(entries, opts.train.seed, shuffle=opts.shuffle_split)
-    if not train_data or not val_data:
-        raise LlmftError(f"{opts.data}: {len(entries)} examples are too few for a train/validation split")
-    pretrained = load_pretrained(opts.model, random_init=opts.random_init, overrides=opts.config_overrides)
-    model, tokenizer, cfg = pretrained.model, pretrained.tokenizer, pretrained.config
-    if opts.max_length is not None and opts.max_length > cfg.context_length:
-        raise LlmftError(f"--max-length {opts.max_length} exceeds the model's context of {cfg.context_length}")
-    max_length = opts.max_length or cfg.context_length
-    style = resolve_style(opts.prompt_style, tokenizer)
+def instruction_loader(data: list[dict], tokenizer: Tokenizer, style: PromptStyle, max_length: int,
+                       opts: InstructOptions, is_train: bool) -> DataLoader:
+    dataset = InstructionDataset(data, tokenizer, style, max_length)
     collate = functools.partial(collate_instruction, pad_token_id=tokenizer.eos_id,
                                 allowed_max_length=max_length, mask_prompt=opts.mask_prompt)
+    lengths = [min(len(ids), max_length) for ids in dataset.encoded_texts]
+    return make_loader(dataset, lengths, opts.train.batch_size, collate, opts.train.seed, train=is_train,
+                       group_by_length=opts.train.group_by_length)
 
-    def loader(data: list[dict], is_train: bool) -> DataLoader:
-        dataset = InstructionDataset(data, tokenizer, style, max_length)
-        return make_loader(dataset, [len(ids) for ids in dataset.encoded_texts], opts.train.batch_size, collate,
-                           opts.train.seed, train=is_train, group_by_length=opts.train.group_by_length)
 
-    train_loader, val_loader = loader(train_data, True), loader(val_data, False)
-    policy = opts.lora.describe(apply_lora(model, opts.lora)) if opts.finetune == "lora" else "all"
-    trainable, total = count_parameters(model)
-    log.info("data: %d train, %d validation, %d test | prompt style %s | trainable parameters %s of %s (%s)",
-             len(train_data), len(val_data), len(test_data), style.name, f"{trainable:,}", f"{total:,}", policy)
-    task = InstructionTask(tokenizer, style, val_data[0], opts.sample_tokens)
-    device = resolve_device(opts.train.device)
-    with staged_run_dir(opts.out, opts.overwrite) as run_dir:
-        for name, data in zip(SPLITS, (train_data, val_data, test_data)):
-            atomic_write_json(run_dir / f"{name}.json", data)
-        full_val_loss_before = evaluate_loss(model, task, val_loader, None, device, opts.train.precision)
-        start = time.perf_counter()
-        history = train(model, task, train_loader, val_loader, opts.train, run_dir)
-        train_seconds = time.perf_counter() - start
+def load_splits(opts: InstructOptions) -> InstructionSplits:
+    entries = load_instruction_data(opts.data, opts.instruction_key, opts.input_key, opts.output_key)
+    splits = split_instruction_data(entries, opts.train.seed, shuffle=opts.shuffle_split)
+    if not splits.train or not splits.validation:
+        raise LlmftError(f"{opts.data}: {len(entries)} examples are too few for a train/validation split")
+    return splits
+
+
+def train_instructions(opts: InstructOptions) -> dict[str, Any]:
+    with create_run(opts.out, opts.overwrite, opts.inputs(), resume=opts.resume) as run:
+        seed_everything(opts.train.seed)
+        splits = load_splits(opts)
+        pretrained = load_pretrained(opts.model, random_init=opts.random_init, overrides=opts.config_overrides)
+        model, tokenizer, cfg = pretrained.model, pretrained.tokenizer, pretrained.config
+        max_length = opts.max_length_within(cfg.context_length, cfg.context_length)
+        style = resolve_style(opts.prompt_style, tokenizer)
+        train_loader = instruction_loader(splits.train, tokenizer, style, max_length, opts, True)
+        val_loader = instruction_loader(splits.validation, tokenizer, style, max_length, opts, False)
+        lora = opts.finetune == "lora"
+        fingerprint = weights_fingerprint(model) if lora and not opts.random_init else None
+        policy = opts.lora.describe(apply_lora(model, opts.lora)) if lora else "all"
+        trainable, total = count_parameters(model)
+        log.info("data: %d train, %d validation, %d test | prompt style %s | trainable parameters %s of %s (%s)",
+                 len(splits.train), len(splits.validation), len(splits.test), style.name, f"{trainable:,}",
+                 f"{total:,}", policy)
+        task = InstructionTask(tokenizer, style, splits.validation[0], opts.sample_tokens)
+        device = resolve_device(opts.train.device)
+        for name, data in splits._asdict().items():
+            atomic_write_json(run.split(name, ".json"), data)
+        loss_before = evaluate_loss(model, task, val_loader, None, device, opts.train.precision)
+        began = time.perf_counter()
+        history = train(model, task, train_loader, val_loader, opts.train, run.metrics(),
+                        checkpoints=opts.checkpoints(run))
+        results = summarize(history, loss_before, evaluate_loss(model, task, val_loader, None, device,
+                                                                 opts.train.precision))
+        results.update(train_seconds=round(time.perf_counter() - began, 2), peak_memory_mb=peak_memory_mb(device),
+                       trainable_parameters=trainable, source=pretrained.source)
+        run.write_results(results)
         steps = history.steps
-        results = {"initial_train_loss": steps[0]["train_loss"], "initial_val_loss": steps[0]["val_loss"],
-                   "final_train_loss": steps[-1]["train_loss"], "final_val_loss": steps[-1]["val_loss"],
-                   "full_val_loss_before": full_val_loss_before,
-                   "full_val_loss_after": evaluate_loss(model, task, val_loader, None, device, opts.train.precision),
-                   "train_seconds": round(train_seconds, 2),
-                   "peak_memory_mb": peak_memory_mb(device), "tokens_seen": history.epochs[-1]["tokens_seen"],
-                   "trainable_parameters": trainable, "source": pretrained.source}
-        atomic_write_json(run_dir / "results.json", results)
         plot_values([s["epoch"] for s in steps], [s["tokens_seen"] for s in steps], [s["train_loss"] for s in steps],
-                    [s["val_loss"] for s in steps], "loss", run_dir / "loss", seen_label="Tokens seen")
-        meta = {"task": "instruction", "model": opts.model, "model_config": cfg.to_dict(),
-                "prompt_style": style.name, "max_length": max_length, "random_init": opts.random_init,
-                "options": {**asdict(opts), "out": str(opts.out)}}
-        if opts.finetune == "lora":
-            meta["lora"] = opts.lora.to_dict()
-        save_finetuned(run_dir, model, tokenizer, meta)
+                    [s["val_loss"] for s in steps], "loss", run.plot("loss"), seen_label="Tokens seen")
+        meta = RunMeta(task="instruction", model=base_spec(opts.model), model_config=cfg.to_dict(),
+                       max_length=max_length, random_init=opts.random_init, base_fingerprint=fingerprint,
+                       lora=opts.lora.to_dict() if lora else None, prompt_style=style.name, options=opts.record())
+        save_finetuned(run, model, tokenizer, meta)
     return results
+
+
+def summarize(history: History, full_val_loss_before: float, full_val_loss_after: float) -> dict[str, Any]:
+    """The losses a user compares: first and last evaluation, and the whole validation split."""
+    steps = history.steps
+    return {"initial_train_loss": steps[0]["train_loss"], "initial_val_loss": steps[0]["val_loss"],
+            "final_train_loss": steps[-1]["train_loss"], "final_val_loss": steps[-1]["val_loss"],
+            "full_val_loss_before": full_val_loss_before, "full_val_loss_after": full_val_loss_after,
+            "tokens_seen": history.epochs[-1]["tokens_seen"]}
 
 
 def load_chat_model(run_or_model: str, device: str = "auto",
                     compile: bool = False) -> tuple[nn.Module, Tokenizer, PromptStyle]:
     """A fine-tuned instruction run (its weights and prompt style), or a model spec (its chat
     template, else alpaca). `compile` compiles each block (cached decoding reuses the graphs)."""
-    path = Path(run_or_model)
-    if (path / RUN_FILE).is_file():
-        model, tokenizer, meta = load_finetuned(path)
-        if meta["task"] != "instruction":
-            raise LlmftError(f"{path}: a {meta['task']} run cannot generate text")
-        style = get_prompt_style(meta["prompt_style"], tokenizer)
+    if RunDir(run_or_model).is_run():
+        model, tokenizer, meta = load_finetuned(run_or_model)
+        expect_task(meta, "instruction", run_or_model, "generating text")
+        style = get_prompt_style(meta.prompt_style, tokenizer)
     else:
         pretrained = load_pretrained(run_or_model)
         model, tokenizer = pretrained.model, pretrained.tokenizer
@@ -174,7 +207,15 @@ def load_chat_model(run_or_model: str, device: str = "auto",
     return model.to(resolve_device(device)).eval(), tokenizer, style
 
 
-def respond(source: str | Path, split: str | None = "test", data: str | None = None, out: Path | None = None,
+def check_answer_settings(max_new_tokens: int, batch_size: int) -> None:
+    """Fail before any work on counts that would generate nothing."""
+    if max_new_tokens < 1:
+        raise LlmftError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise LlmftError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def respond(source: str | Path, *, split: str | None = "test", data: str | None = None, out: Path | None = None,
             max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto", compile: bool = False,
             prepack: bool = True) -> Path:
     """Answer every entry of a run's split (or of a data file) into JSON with a
@@ -182,38 +223,80 @@ def respond(source: str | Path, split: str | None = "test", data: str | None = N
     fine-tuning, a model spec (then `data` names the entries, e.g. RUN/test.json).
 
     The file is rewritten atomically after each batch, so an interrupted run loses at most
-    one batch, and a rerun answers only the entries still missing a response. `prepack`: see
-    `generation.generate_tokens`.
+    one batch, and a rerun answers only the entries still missing a response. Beside it,
+    OUT.settings.json records what it answers and how: a rerun that asks for something else
+    fails instead of continuing the old file. `prepack`: see `generation.decoding_session`.
     """
-    run_dir = Path(source)
-    is_run = (run_dir / RUN_FILE).is_file()
-    if not is_run and not (data and out):
+    check_answer_settings(max_new_tokens, batch_size)
+    resolve_device(device)
+    run = RunDir(source)
+    if run.is_run():
+        expect_task(run.read_meta(), "instruction", source, "instruct respond")
+    elif not (data and out):
         raise LlmftError(f"{source}: not a run directory; to answer with a model, pass --data FILE and --out FILE")
-    out = Path(out or run_dir / f"{'data' if data else split}-responses.json")
-    if out.is_file():
-        entries = read_json(out)
-        log.info("resuming %s: %d of %d answered", out, sum("model_response" in e for e in entries), len(entries))
-    elif data:
-        entries = load_instruction_data(data)
-    elif split in SPLITS:
-        entries = read_json(run_dir / f"{split}.json")
-    else:
-        raise LlmftError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    out = Path(out or run.file(f"{'data' if data else split}-responses.json"))
+    entries = entries_to_answer(run, split, data)
+    record = {"source": base_spec(str(source)), "entries": str(Path(data).resolve()) if data else f"split {split}",
+              "entries_fingerprint": entries_fingerprint(entries), "max_new_tokens": max_new_tokens}
+    entries = resume_responses(out, entries, record)
     model, tokenizer, style = load_chat_model(str(source), device, compile)
     todo = [i for i, e in enumerate(entries) if "model_response" not in e]
     todo.sort(key=lambda i: len(style.format(entries[i])))  # similar lengths share a batch
     with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar, \
-            prepacked_linears(model, prepack):  # the weights packed once for every batch
+            decoding_session(model, prepack):  # the weights packed once for every batch
         for s in range(0, len(todo), batch_size):
             rows = todo[s:s + batch_size]
             for i, text in zip(rows, answer(model, tokenizer, style, [entries[i] for i in rows],
-                                            max_new_tokens, batch_size, prepack=prepack)):
+                                            max_new_tokens=max_new_tokens, batch_size=batch_size)):
                 entries[i]["model_response"] = text
             atomic_write_json(out, entries)
             bar.update(len(rows))
     if not todo:
         atomic_write_json(out, entries)
     return out
+
+
+def entries_to_answer(run: RunDir, split: str | None, data: str | None) -> list[dict]:
+    if data:
+        return load_instruction_data(data)
+    if split not in SPLITS:
+        raise LlmftError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return read_json(run.split(split, ".json"))
+
+
+def entries_fingerprint(entries: list[dict]) -> str:
+    """A hash of the entries as asked for (their answers left out)."""
+    asked = [{k: v for k, v in e.items() if k != "model_response"} for e in entries]
+    return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_responses(out: Path, entries: list[dict], record: dict[str, Any]) -> list[dict]:
+    """The entries to fill in: those of an existing `out` made for the same `record` (a
+    one-line error when it was made for something else), else `entries`; the record is
+    written before any answer."""
+    settings = out.with_name(out.stem + ".settings.json")
+    if not out.parent.is_dir():
+        raise LlmftError(f"--out {out}: folder {out.parent} does not exist")
+    if out.exists():
+        if not settings.is_file():
+            raise LlmftError(f"--out {out}: exists, with no {settings.name} saying what it answers; "
+                             "choose another --out (or remove it)")
+        saved = read_json(settings)
+        for key, value in record.items():
+            if not isinstance(saved, dict) or saved.get(key) != value:
+                raise LlmftError(f"--out {out}: answers {saved.get(key) if isinstance(saved, dict) else None!r} "
+                                 f"for {key!r} ({settings.name}), this command asks for {value!r}; "
+                                 "choose another --out")
+        done = read_json(out)
+        if not isinstance(done, list) or not all(isinstance(e, dict) for e in done):
+            raise LlmftError(f"--out {out}: expected a JSON list of entries")
+        log.info("resuming %s: %d of %d answered", out, sum("model_response" in e for e in done), len(done))
+        return done
+    try:
+        atomic_write_json(settings, record)
+    except OSError as e:
+        raise LlmftError(f"--out {out}: cannot write there ({one_line(e)})") from None
+    return entries
 
 
 def reference_scores(path: Path) -> dict[str, Any]:

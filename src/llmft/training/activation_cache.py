@@ -27,14 +27,14 @@ from llmft.training.heads import SequenceClassifier
 
 log = logging.getLogger("llmft")
 
-# Poolings that read only real tokens; `last-padded` reads a padding position, whose state
+# Class tokens that read only real tokens; `last-padded` reads a padding position, whose state
 # in the full model depends on the padding tokens, so it cannot use the cache.
-CACHE_SAFE_POOLINGS = ("last", "first", "mean")
+CACHE_SAFE_CLASS_TOKENS = ("last", "first", "mean")
 
 
 def cache_start(model: SequenceClassifier) -> int:
     """The block the cached activations feed into; 0 when caching does not apply."""
-    if model.pooling not in CACHE_SAFE_POOLINGS or model.backbone.cfg.drop_rate > 0:
+    if model.class_token not in CACHE_SAFE_CLASS_TOKENS or model.backbone.cfg.drop_rate > 0:
         return 0
     return first_trainable_block(model.backbone)
 
@@ -84,7 +84,7 @@ class ActivationStore:
 
 def same_length_batches(sequences: list[tuple[int, ...]], max_tokens: int) -> list[list[tuple[int, ...]]]:
     """Batches of equal-length sequences, at most `max_tokens` tokens each (one sequence at
-    least): no padding at all, which ran the frozen prefix ~10% faster than padded batches."""
+    least): no padding at all, faster than padded batches (docs/benchmarks.md)."""
     by_length: dict[int, list[tuple[int, ...]]] = {}
     for seq in sequences:
         by_length.setdefault(len(seq), []).append(seq)

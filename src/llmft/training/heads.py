@@ -33,24 +33,24 @@ def pool_mean(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (hidden * real.unsqueeze(-1)).sum(1) / lengths.unsqueeze(1)
 
 
-# Poolings that read one token: its position (B,) from the row lengths and padded length T.
+# Classification tokens that are one position: where (B,) from the row lengths and padded length T.
 TOKEN_POSITIONS = {"last": last_position, "last-padded": last_padded_position, "first": first_position}
-POOLINGS = (*TOKEN_POSITIONS, "mean")
+CLASS_TOKENS = (*TOKEN_POSITIONS, "mean")  # "mean": the mean over the real tokens
 
 
-def check_pooling(name: str) -> None:
-    if name not in POOLINGS:
-        raise LlmftError(f"unknown classification token {name!r}; expected one of {', '.join(POOLINGS)}")
+def check_class_token(name: object, what: str = "--class-token") -> None:
+    """The one place a classification token name is validated (options and run.json call it)."""
+    if name not in CLASS_TOKENS:
+        raise LlmftError(f"{what}: unknown classification token {name!r}; expected one of {', '.join(CLASS_TOKENS)}")
 
 
 class SequenceClassifier(nn.Module):
     """A decoder whose output head maps one pooled hidden state to class logits."""
 
-    def __init__(self, backbone: DecoderLM, num_classes: int, pooling: str = "last") -> None:
+    def __init__(self, backbone: DecoderLM, num_classes: int, class_token: str = "last") -> None:
         super().__init__()
         self.backbone = backbone
-        check_pooling(pooling)
-        self.pooling = pooling
+        self.class_token = class_token  # a name in CLASS_TOKENS
         self.token_only_last_block = True  # False: the book's computation, every position everywhere
         backbone.out_head = nn.Linear(backbone.cfg.emb_dim, num_classes)
 
@@ -61,12 +61,12 @@ class SequenceClassifier(nn.Module):
 
     def forward_from(self, hidden: torch.Tensor, lengths: torch.Tensor, start_layer: int) -> torch.Tensor:
         """Resume at block `start_layer` from its input hidden states (the activation cache).
-        A one-token pooling runs the last block at that token only (`DecoderLM.run_blocks`)."""
+        A one-position class token runs the last block at that token only (`DecoderLM.run_blocks`)."""
         b = self.backbone
         positions = b.default_positions(hidden[..., 0], None)
-        if self.pooling == "mean":
+        if self.class_token == "mean":
             return b.out_head(pool_mean(b.final_norm(b.run_blocks(hidden, positions, start=start_layer)), lengths))
-        token = TOKEN_POSITIONS[self.pooling](lengths, hidden.shape[1])
+        token = TOKEN_POSITIONS[self.class_token](lengths, hidden.shape[1])
         if self.token_only_last_block:
             x = b.run_blocks(hidden, positions, start=start_layer, keep=token.unsqueeze(1))[:, 0]
         else:

@@ -14,19 +14,22 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from llmft.data.batching import order_state, set_order_state
 from llmft.errors import LlmftError
 from llmft.models.transformer import DecoderLM
-from llmft.training.metrics_log import MetricsLog
+from llmft.training.resume import (
+    Checkpoints, Interrupted, Interrupts, LoopState, load_optimizer_state, optimizer_state, rng_state, set_rng_state,
+)
 
 log = logging.getLogger("llmft")
 
@@ -53,17 +56,22 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar lengths (less padding), still shuffled
     compile: bool = False  # torch.compile the task's loss: model forward + loss in one graph
     grad_checkpoint: bool = False  # recompute block activations in backward to save memory
+    checkpoint_every: int | None = None  # checkpoint every N optimizer steps and at each epoch's end
+    keep_checkpoints: int = 1  # how many checkpoints to keep
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum"):
+        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise LlmftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LlmftError(f"--lr must be positive, got {self.lr}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise LlmftError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise LlmftError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise LlmftError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        resolve_device(self.device)  # an unusable device fails before any work
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,8 +96,18 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA, else MPS, else CPU; any other name must be a device this machine has."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise LlmftError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:N, mps)") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(device.type, False):
+            raise LlmftError(f"--device {name!r}: this machine has no {device.type} device")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise LlmftError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -119,8 +137,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LlmftError("nothing to train: every parameter is frozen")
-    # Fused AdamW: one kernel over all parameters; on CPU it made the book recipe's steps
-    # (one trainable block) ~25% faster than the default multi-tensor version.
+    # Fused AdamW: one kernel over all parameters, faster than the multi-tensor default on
+    # CPU too (docs/benchmarks.md).
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
@@ -160,68 +178,171 @@ class History:
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(model: nn.Module, task: Task, train_batches: Iterable[Batch], val_batches: Iterable[Batch],
-          cfg: TrainConfig, run_dir: Path | None = None, show_progress: bool = True) -> History:
-    """Fine-tune `model` in place. `train_batches` is re-iterated every epoch (a DataLoader)."""
+class MetricsSink(Protocol):
+    """Where the loop's rows go as they happen: table "steps" (a loss evaluation) or "epochs"."""
+
+    def write(self, table: str, row: dict[str, Any]) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+class _Loop:
+    """One fine-tuning run's state: the optimizer, the step and `seen` counters, the history,
+    and what a checkpoint needs to continue it exactly."""
+
+    def __init__(self, model: nn.Module, task: Task, train_batches: DataLoader, val_batches: Iterable[Batch],
+                 cfg: TrainConfig, device: torch.device, metrics: MetricsSink | None,
+                 checkpoints: Checkpoints | None) -> None:
+        self.model, self.task, self.cfg, self.device, self.metrics = model, task, cfg, device, metrics
+        self.train_batches, self.val_batches, self.checkpoints = train_batches, val_batches, checkpoints
+        # One graph for forward + loss: it fuses more than compiling block by block (docs/benchmarks.md).
+        self.loss_fn = torch.compile(task.loss) if cfg.compile else task.loss
+        self.optimizer = make_optimizer(model, cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "16-mixed")
+        self.total_steps = math.ceil(len(train_batches) / cfg.grad_accum) * cfg.epochs
+        self.history, self.seen, self.step = History(), 0, -1
+        self.seen_key = f"{task.seen_unit}_seen"
+        self.epoch_order = order_state(train_batches)  # the data order's RNG when the epoch began
+        self.interrupts = Interrupts()
+
+    def record(self, table: str, row: dict[str, Any]) -> None:
+        (self.history.steps if table == "steps" else self.history.epochs).append(row)
+        if self.metrics is not None:
+            self.metrics.write(table, row)
+
+    def evaluate(self, epoch_float: float) -> dict[str, Any]:
+        cfg = self.cfg
+        row = {"step": self.step + 1, "epoch": round(epoch_float, 4), self.seen_key: self.seen,
+               "train_loss": evaluate_loss(self.model, self.task, self.train_batches, cfg.eval_iter, self.device,
+                                           cfg.precision),
+               "val_loss": evaluate_loss(self.model, self.task, self.val_batches, cfg.eval_iter, self.device,
+                                         cfg.precision),
+               "lr": self.optimizer.param_groups[0]["lr"]}
+        self.record("steps", row)
+        return row
+
+    def optimizer_step(self) -> None:
+        self.step += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.total_steps, self.cfg)
+        if self.cfg.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state(self, epoch: int, batch: int) -> LoopState:
+        """Everything that continues the run exactly from here (after an optimizer step)."""
+        optim, groups = optimizer_state(self.optimizer)
+        rngs, rng_extra = rng_state()
+        tensors = {**optim, **rngs, "order.epoch": self.epoch_order, "order.now": order_state(self.train_batches)}
+        return LoopState(epoch, batch, self.step, self.seen, {"steps": self.history.steps,
+                                                             "epochs": self.history.epochs}, tensors,
+                         {"param_groups": groups, "scaler": self.scaler.state_dict(), **rng_extra})
+
+    def save(self, epoch: int, batch: int) -> None:
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.checkpoints.save(trainable, self.state(epoch, batch))
+
+    def restore(self, trainable: dict[str, torch.Tensor], state: LoopState) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        load_optimizer_state(self.optimizer, state.tensors, state.extra["param_groups"])
+        self.scaler.load_state_dict(state.extra["scaler"])
+        self.step, self.seen = state.step, state.seen
+        self.history = History(state.history["steps"], state.history["epochs"])
+        if self.metrics is not None:  # rows logged after the checkpoint are dropped
+            self.metrics.clear()
+            for table, rows in state.history.items():
+                for row in rows:
+                    self.metrics.write(table, row)
+
+    def after_step(self, epoch: int, batch: int) -> None:
+        """Checkpoint when due or asked to stop (position: `batch` batches into `epoch`); stop
+        when asked."""
+        stop = self.interrupts.requested
+        last = epoch == self.cfg.epochs  # the run is complete: nothing left to resume
+        if self.checkpoints is not None and not last and (stop or self.checkpoints.due(self.step, batch == 0)):
+            self.save(epoch, batch)
+        if stop:
+            raise Interrupted(self.step + 1, self.checkpoints is not None and not last)
+
+    # -- the loop -------------------------------------------------------------------------
+    def batches(self, skip: int, resumed: LoopState | None) -> Iterator[tuple[int, Batch]]:
+        """This epoch's batches from number `skip` on, in the order an uninterrupted run sees;
+        when `resumed` from a checkpoint, with every RNG as it was there."""
+        if resumed is not None and skip:  # the epoch's order as it began, then skip what was trained on
+            set_order_state(self.train_batches, resumed.tensors["order.epoch"])
+        elif resumed is not None:
+            set_order_state(self.train_batches, resumed.tensors["order.now"])
+            set_rng_state(resumed.tensors, resumed.extra)
+        self.epoch_order = order_state(self.train_batches)
+        batches = iter(self.train_batches)
+        for _ in range(skip):
+            next(batches)
+        if resumed is not None and skip:
+            set_order_state(self.train_batches, resumed.tensors["order.now"])
+            set_rng_state(resumed.tensors, resumed.extra)
+        return enumerate(batches, skip)
+
+    def epoch(self, epoch: int, bar: tqdm, skip: int = 0, resumed: LoopState | None = None) -> None:
+        cfg, n = self.cfg, len(self.train_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in self.batches(skip, resumed):
+            batch = to_device(batch, self.device)
+            with autocast(self.device, cfg.precision):
+                loss = self.loss_fn(self.model, batch)
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            self.seen += self.task.count_seen(batch)
+            if (i + 1) % cfg.grad_accum and i + 1 != n:
+                continue
+            self.optimizer_step()
+            bar.update(1)
+            if self.step % cfg.eval_freq == 0:
+                row = self.evaluate(epoch + (i + 1) / n)
+                bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_loss=f"{row['val_loss']:.3f}")
+                bar.write(f"Ep {epoch + 1} (Step {self.step:06d}): train loss {row['train_loss']:.3f}, "
+                          f"val loss {row['val_loss']:.3f}")
+            if i + 1 < n:
+                self.after_step(epoch, i + 1)
+        self.record("epochs", {"epoch": epoch + 1, self.seen_key: self.seen, **self.task.on_epoch_end(self.model, epoch)})
+        self.model.train()
+        self.after_step(epoch + 1, 0)
+
+    def run(self, show_progress: bool) -> History:
+        found = self.checkpoints.load_latest() if self.checkpoints is not None and self.checkpoints.resume else None
+        if self.checkpoints is not None and self.checkpoints.resume and not found:
+            raise LlmftError(f"--resume: no complete checkpoint in {self.checkpoints.folder}")
+        resumed = None
+        if found:
+            self.restore(*found)
+            resumed = found[1]
+        else:
+            first = self.evaluate(0.0)
+            log.info("before training: train loss %.3f, validation loss %.3f", first["train_loss"], first["val_loss"])
+        self.model.train()
+        start = resumed.epoch if resumed else 0
+        with self.interrupts, tqdm(total=self.total_steps, initial=self.step + 1, desc="train", unit="step",
+                                   disable=not show_progress, dynamic_ncols=True) as bar:
+            for epoch in range(start, self.cfg.epochs):
+                if resumed and epoch == start:
+                    self.epoch(epoch, bar, resumed.batch, resumed)
+                else:
+                    self.epoch(epoch, bar)
+        return self.history
+
+
+def train(model: nn.Module, task: Task, train_batches: DataLoader, val_batches: Iterable[Batch],
+          cfg: TrainConfig, metrics: MetricsSink | None = None, show_progress: bool = True,
+          checkpoints: Checkpoints | None = None) -> History:
+    """Fine-tune `model` in place. `train_batches` is re-iterated every epoch (a DataLoader);
+    every loss evaluation and epoch row goes to `metrics` as it happens. With `checkpoints`,
+    the run is checkpointed as they say and continues from their newest one when resuming."""
     device = resolve_device(cfg.device)
     model.to(device)
     prepare_model(model, cfg)
-    # One graph for forward + loss: on an H200 this ran GPT-2 medium 1.78x faster than eager,
-    # per-block compilation only 1.05x (docs/benchmarks.md).
-    loss_fn = torch.compile(task.loss) if cfg.compile else task.loss
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "16-mixed")
-    steps_per_epoch = math.ceil(len(train_batches) / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    step_log = MetricsLog(run_dir / "metrics.csv") if run_dir else None
-    epoch_log = MetricsLog(run_dir / "epochs.csv") if run_dir else None
-    history, seen, step = History(), 0, -1
-    seen_key = f"{task.seen_unit}_seen"
-
-    def evaluate(epoch_float: float) -> dict[str, Any]:
-        row = {"step": step + 1, "epoch": round(epoch_float, 4), seen_key: seen,
-               "train_loss": evaluate_loss(model, task, train_batches, cfg.eval_iter, device, cfg.precision),
-               "val_loss": evaluate_loss(model, task, val_batches, cfg.eval_iter, device, cfg.precision),
-               "lr": optimizer.param_groups[0]["lr"]}
-        history.steps.append(row)
-        if step_log:
-            step_log.append(row)
-        return row
-
-    first = evaluate(0.0)
-    log.info("before training: train loss %.3f, validation loss %.3f", first["train_loss"], first["val_loss"])
-    model.train()
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not show_progress, dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
-        optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(train_batches):
-            batch = to_device(batch, device)
-            with autocast(device, cfg.precision):
-                loss = loss_fn(model, batch)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            seen += task.count_seen(batch)
-            if (i + 1) % cfg.grad_accum and i + 1 != len(train_batches):
-                continue
-            step += 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg)
-            if cfg.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            bar.update(1)
-            if step % cfg.eval_freq == 0:
-                row = evaluate(epoch + (i + 1) / len(train_batches))
-                bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_loss=f"{row['val_loss']:.3f}")
-                bar.write(f"Ep {epoch + 1} (Step {step:06d}): train loss {row['train_loss']:.3f}, "
-                          f"val loss {row['val_loss']:.3f}")
-        extra = task.on_epoch_end(model, epoch)
-        epoch_row = {"epoch": epoch + 1, seen_key: seen, **extra}
-        history.epochs.append(epoch_row)
-        if epoch_log:
-            epoch_log.append(epoch_row)
-        model.train()
-    bar.close()
-    return history
+    return _Loop(model, task, train_batches, val_batches, cfg, device, metrics, checkpoints).run(show_progress)

@@ -110,6 +110,11 @@ class LinearWithLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora.add_to(self.linear(x), x)
 
+    def plain_weight(self) -> None:
+        """Not plain (`llmft.models.transformer.plain_weight`): the output adds the low-rank
+        update, which code reading the base weight W instead of calling the layer would drop."""
+        return None
+
 
 def check_finetune(mode: str) -> None:
     if mode not in FINETUNE_MODES:

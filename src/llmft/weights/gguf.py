@@ -23,21 +23,23 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-from llmft.errors import LlmftError
-from llmft.models import ModelConfig
+from llmft.errors import LlmftError, one_line
+from llmft.models import ModelConfig, parameter_shapes
 from llmft.tokenizers import HFTokenizer
 
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
 
-class _Arch(NamedTuple):
+class GgufQuirks(NamedTuple):
+    """How a GGUF `general.architecture` differs from our Llama class, which runs them all."""
+
     qkv_bias: bool
     interleaved_qk: bool  # llama.cpp's converter permuted the q/k rows for its pairwise RoPE
 
 
-# general.architecture → how it maps onto our Llama class (Qwen2 is Llama with q/k/v biases).
-ARCHITECTURES = {"llama": _Arch(qkv_bias=False, interleaved_qk=True),
-                 "qwen2": _Arch(qkv_bias=True, interleaved_qk=False)}
+# general.architecture → its quirks (Qwen2 is Llama with q/k/v biases).
+GGUF_QUIRKS = {"llama": GgufQuirks(qkv_bias=False, interleaved_qk=True),
+               "qwen2": GgufQuirks(qkv_bias=True, interleaved_qk=False)}
 
 _GLOBAL_TENSORS = {"token_embd": "tok_emb", "output_norm": "final_norm", "output": "out_head"}
 _BLOCK_TENSORS = {
@@ -90,10 +92,9 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], HFToken
     path = Path(path)
     reader = _open(path)
     arch_name = _field(reader, path, "general.architecture")
-    if arch_name not in ARCHITECTURES:
+    if arch_name not in GGUF_QUIRKS:
         raise LlmftError(f"{path}: architecture {arch_name!r} is not supported; "
-                         f"expected one of {', '.join(ARCHITECTURES)}")
-    arch = ARCHITECTURES[arch_name]
+                         f"expected one of {', '.join(GGUF_QUIRKS)}")
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise LlmftError(f"{path}: no token_embd.weight tensor")
@@ -103,7 +104,7 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], HFToken
     if tokenizer.vocab_size > cfg.vocab_size:
         raise LlmftError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"embeds only {cfg.vocab_size}")
-    return cfg, _state_dict(path, cfg, arch, tensors), tokenizer
+    return cfg, _state_dict(path, cfg, GGUF_QUIRKS[arch_name], tensors), tokenizer
 
 
 def load_gguf_tokenizer(path: Path) -> HFTokenizer:
@@ -122,7 +123,7 @@ def _open(path: Path) -> gguf.GGUFReader:
     try:
         return _Reader(path)
     except (ValueError, KeyError, IndexError, OverflowError) as e:  # what a cut-off file raises
-        raise LlmftError(f"{path}: truncated or corrupt GGUF file ({_one_line(e)})") from None
+        raise LlmftError(f"{path}: truncated or corrupt GGUF file ({one_line(e)})") from None
 
 
 class _Reader(gguf.GGUFReader):
@@ -136,10 +137,6 @@ class _Reader(gguf.GGUFReader):
     @data.setter
     def data(self, mapping: np.memmap) -> None:
         self._array = np.asarray(mapping)  # same memory, still read-only
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _field(reader: gguf.GGUFReader, path: Path, key: str, default=_REQUIRED):
@@ -170,7 +167,7 @@ def _config(reader: gguf.GGUFReader, path: Path, arch: str, vocab_size: int, tie
         n_layers=number("block_count", int), n_heads=n_heads,
         n_kv_heads=number("attention.head_count_kv", int, n_heads),
         hidden_dim=number("feed_forward_length", int), head_dim=number("attention.key_length", int, 0),
-        qkv_bias=ARCHITECTURES[arch].qkv_bias,
+        qkv_bias=GGUF_QUIRKS[arch].qkv_bias,
         norm_eps=number("attention.layer_norm_rms_epsilon", float),
         rope_theta=number("rope.freq_base", float, 10000.0), tie_embeddings=tied,
     )
@@ -192,9 +189,9 @@ def _our_name(gguf_name: str) -> str | None:
     return f"{table[part]}.{kind}" if block is None else f"blocks.{block}.{table[part]}.{kind}"
 
 
-def _state_dict(path: Path, cfg: ModelConfig, arch: _Arch,
+def _state_dict(path: Path, cfg: ModelConfig, quirks: GgufQuirks,
                 tensors: dict[str, gguf.ReaderTensor]) -> dict[str, torch.Tensor]:
-    expected = _expected_shapes(cfg)
+    expected = parameter_shapes(cfg)
     state: dict[str, torch.Tensor] = {}
     for gguf_name, tensor in tensors.items():
         name = _our_name(gguf_name)
@@ -203,10 +200,10 @@ def _state_dict(path: Path, cfg: ModelConfig, arch: _Arch,
         values = _dequantize(path, tensor)
         if values.shape != expected[name]:
             raise LlmftError(f"{path}: tensor {gguf_name} has shape {values.shape}; the metadata "
-                             f"implies {expected[name]}")
-        if arch.interleaved_qk and name.endswith("attn.query.weight"):
+                             f"implies {tuple(expected[name])}")
+        if quirks.interleaved_qk and name.endswith("attn.query.weight"):
             values = _unpermute_rows(values, cfg.n_heads)
-        elif arch.interleaved_qk and name.endswith("attn.key.weight"):
+        elif quirks.interleaved_qk and name.endswith("attn.key.weight"):
             values = _unpermute_rows(values, cfg.n_kv_heads)
         state[name] = torch.from_numpy(values)
     missing = sorted(set(expected) - set(state))
@@ -214,23 +211,6 @@ def _state_dict(path: Path, cfg: ModelConfig, arch: _Arch,
         raise LlmftError(f"{path}: {len(missing)} tensor(s) missing, first the one for llmft's "
                          f"{missing[0]}")
     return state
-
-
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names and shapes for `cfg` (a meta-device model takes a second to build)."""
-    emb, hidden = cfg.emb_dim, cfg.hidden_dim
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    block = {"norm1.weight": (emb,), "attn.query.weight": (q, emb), "attn.key.weight": (kv, emb),
-             "attn.value.weight": (kv, emb), "attn.proj.weight": (emb, q), "norm2.weight": (emb,),
-             "mlp.gate.weight": (hidden, emb), "mlp.up.weight": (hidden, emb),
-             "mlp.down.weight": (emb, hidden)}
-    if cfg.qkv_bias:
-        block |= {"attn.query.bias": (q,), "attn.key.bias": (kv,), "attn.value.bias": (kv,)}
-    shapes = {"tok_emb.weight": (cfg.vocab_size, emb), "final_norm.weight": (emb,)}
-    shapes |= {f"blocks.{i}.{name}": s for i in range(cfg.n_layers) for name, s in block.items()}
-    if not cfg.tie_embeddings:
-        shapes["out_head.weight"] = (cfg.vocab_size, emb)
-    return shapes
 
 
 def _dequantize(path: Path, tensor: gguf.ReaderTensor) -> np.ndarray:
@@ -264,7 +244,7 @@ def gguf_tokenizer(reader: gguf.GGUFReader, path: Path) -> HFTokenizer:
     try:
         bpe = models.BPE({t: i for i, t in enumerate(tokens)}, merges)
     except Exception as e:  # the Rust side raises plain Exception
-        raise LlmftError(f"{path}: unusable tokenizer vocabulary ({_one_line(e)})") from None
+        raise LlmftError(f"{path}: unusable tokenizer vocabulary ({one_line(e)})") from None
     tok = tokenizers.Tokenizer(bpe)
     tok.pre_tokenizer = _pre_tokenizer(path, _field(reader, path, "tokenizer.ggml.pre", "default"))
     tok.decoder = decoders.ByteLevel()

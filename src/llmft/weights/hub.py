@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from llmft.errors import LlmftError
+from llmft.errors import LlmftError, one_line
 
 # Only what loading needs: config, safetensors weights (single or sharded), tokenizer files.
 ALLOW_PATTERNS = [
@@ -44,11 +44,6 @@ def _unreachable(endpoint: str) -> str | None:
     return None
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def download_hf(hub_id: str) -> Path:
     """The local folder of `hub_id` (downloaded, or from the hub cache when offline)."""
     from huggingface_hub import constants, snapshot_download
@@ -65,5 +60,5 @@ def download_hf(hub_id: str) -> Path:
         raise LlmftError(f"cannot reach the Hugging Face hub for {hub_id}: the repository is "
                          "gated; accept its licence on the hub and log in (`hf auth login`)") from None
     except Exception as e:  # network and hub failures come in many types
-        detail = f"{reason}; not in the local hub cache" if reason else _one_line(e)
+        detail = f"{reason}; not in the local hub cache" if reason else one_line(e)
         raise LlmftError(f"cannot reach the Hugging Face hub for {hub_id}: {detail}") from None

@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from llmft.errors import LlmftError
-from llmft.models import DecoderLM, ModelConfig, RopeScaling, build_model
+from llmft.errors import LlmftError, one_line
+from llmft.models import DecoderLM, ModelConfig, RopeScaling, parameter_shapes
 from llmft.rundir import atomic_write_json, read_json
 
 CONFIG = "config.json"
@@ -262,13 +262,6 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
 
 # -- tensors ---------------------------------------------------------------------------------
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Our parameter shapes for `cfg`, from a model on the meta device (no memory, no init)."""
-    with torch.device("meta"):
-        model = build_model(cfg)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
 def hf_to_ours(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: str = "checkpoint",
                where: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Rename, un-transpose and split HF tensors into our state dict (tied head included).
@@ -285,7 +278,7 @@ def hf_to_ours(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: str =
         if not stored.startswith(layout.prefix) and stored.split(".")[0] not in top:
             canonical = layout.prefix + stored
         found[canonical] = stored
-    expected = _expected_shapes(cfg)
+    expected = parameter_shapes(cfg)
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for rule in layout.expand(cfg.n_layers):
@@ -311,8 +304,11 @@ def hf_to_ours(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: str =
                                  f"{tuple(t.shape)}, expected {want} for this config.json")
             if rule.conv1d and suffix == "weight":
                 t = t.t()
+            fused = len(ours) > 1
             for key, piece in zip(ours, t.split(sizes)):
-                out[key] = piece.contiguous()
+                # A fusion's pieces get memory of their own: the model's parameters become these
+                # very tensors, and safetensors refuses to save slices of one tensor.
+                out[key] = piece.clone(memory_format=torch.contiguous_format) if fused else piece.contiguous()
     for name in sorted(set(found) - used):
         if not layout.ignored.fullmatch(name):
             stored = found[name]
@@ -357,7 +353,7 @@ def _read_safetensors(path: Path, out: dict[str, torch.Tensor], where: dict[str,
                 out[name] = f.get_tensor(name)
                 where[name] = str(path)
     except (SafetensorError, OSError) as e:
-        raise LlmftError(f"{path}: not a readable safetensors file ({e})") from None
+        raise LlmftError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
 
 
 def read_hf_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:

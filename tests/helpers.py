@@ -1,0 +1,30 @@
+"""What several test modules share: where the real data is, and the smallest training task."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LLMFT_DATA_DIR", "").split(os.pathsep)[0] or ROOT.parent / "shared" / "data")
+SMS = DATA / "sms-spam-collection" / "SMSSpamCollection"
+INSTRUCTIONS = DATA / "instruction-data" / "instruction-data.json"
+GPT2_BPE = DATA / "gpt2-tokenizer"
+
+
+class NextTokenTask:
+    """The smallest task the training loop accepts: next-token loss on batches {"x": ids}."""
+
+    seen_unit = "tokens"
+
+    def loss(self, model, batch):
+        logits = model(batch["x"][:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["x"][:, 1:].flatten())
+
+    def count_seen(self, batch):
+        return batch["x"].numel()
+
+    def on_epoch_end(self, model, epoch):
+        return {}
