@@ -8,7 +8,8 @@
 Suites (see README.md and each bench_*.py): `recipe` (the book's chapter-6 classifier end to
 end, --book-compat vs our default path), `train` (full fine-tuning tokens/s, llmft vs
 transformers), `generate` (greedy tokens/s, llmft with/without KV cache vs transformers),
-`answer` (SmolLM2-135M-Instruct answering the book's test instructions, vs transformers). Every
+`answer` (SmolLM2-135M-Instruct answering the book's test instructions, vs transformers), `serve`
+(`llmft serve` with SmolLM2-135M-Instruct under 1, 8 and 32 concurrent clients). Every
 speed figure is a ratio of timings taken in this run; every variant runs in its own process
 and reports its own peak memory.
 """
@@ -25,16 +26,20 @@ from pathlib import Path
 import bench_answer
 import bench_generate
 import bench_recipe
+import bench_serve
 import bench_train
 from common import ROOT, Section, load_average, machine_info, worker_env
 
-SUITES = {"recipe": bench_recipe, "train": bench_train, "generate": bench_generate, "answer": bench_answer}
+SUITES = {"recipe": bench_recipe, "train": bench_train, "generate": bench_generate, "answer": bench_answer,
+          "serve": bench_serve}
 
 # Defaults that differ between a full run and --quick (an explicit option always wins).
 FULL = {"epochs": 5, "rounds": 2, "seq": 128, "steps": 3, "warmup": 1, "prompt_tokens": 64, "new_tokens": 32,
-        "warmup_tokens": 4, "repeats": 2, "answer_prompts": 16, "answer_tokens": 128}
+        "warmup_tokens": 4, "repeats": 2, "answer_prompts": 16, "answer_tokens": 128, "serve_requests": 32,
+        "serve_tokens": 64}
 QUICK = {"epochs": 1, "rounds": 1, "seq": 32, "steps": 2, "warmup": 1, "prompt_tokens": 16, "new_tokens": 8,
-         "warmup_tokens": 2, "repeats": 1, "answer_prompts": 2, "answer_tokens": 8}
+         "warmup_tokens": 2, "repeats": 1, "answer_prompts": 2, "answer_tokens": 8, "serve_requests": 4,
+         "serve_tokens": 8}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("answer")
     g.add_argument("--answer-prompts", type=int, help="test-split instructions answered (default 16; --quick: 2)")
     g.add_argument("--answer-tokens", type=int, help="most new tokens per answer (default 128; --quick: 8)")
+    g = p.add_argument_group("serve")
+    g.add_argument("--serve-requests", type=int, help="chat requests per concurrency level (default 32; --quick: 4); "
+                   "4 times as many classification texts")
+    g.add_argument("--serve-tokens", type=int, help="most new tokens per chat answer (default 64; --quick: 8)")
     p.add_argument("--rounds", type=int, help="processes per side for train/generate, in ABBA order")
     p.add_argument("--write-docs", type=Path, metavar="PATH", help="also write the report there (docs/benchmarks.md)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write every raw measurement there")
@@ -76,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be at least 1")
     for key in ("epochs", "recipe_rounds", "batch", "seq", "steps", "rounds", "prompt_tokens", "new_tokens",
-                "warmup_tokens", "repeats", "answer_prompts", "answer_tokens"):
+                "warmup_tokens", "repeats", "answer_prompts", "answer_tokens", "serve_requests", "serve_tokens"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.max_length is not None and args.max_length < 1:

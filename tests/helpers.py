@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,3 +29,11 @@ class NextTokenTask:
 
     def on_epoch_end(self, model, epoch):
         return {}
+
+
+def write_slices(root: Path, sms_lines: int, instructions: int) -> Path:
+    """`root/spam.tsv` (the first SMS lines) and `root/sft.json` (the first instruction entries)."""
+    (root / "spam.tsv").write_text("\n".join(SMS.read_text(encoding="utf-8").splitlines()[:sms_lines]) + "\n",
+                                   encoding="utf-8")
+    (root / "sft.json").write_text(json.dumps(json.loads(INSTRUCTIONS.read_text())[:instructions]))
+    return root

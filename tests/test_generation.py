@@ -87,13 +87,32 @@ def test_finished_rows_leave_the_batch(model):
         assert generate_tokens(model, PROMPTS, max_new_tokens=16, eos_ids=[eos], use_cache=use_cache) == expected
 
 
-def test_prompt_is_cropped_to_the_context(model):
+def book_generate(model, ids, max_new_tokens):
+    """The book's `generate` (chapter 5), greedy: every new token from the last context_size tokens."""
+    idx, context = list(ids), model.cfg.context_length
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            idx.append(int(model(torch.tensor([idx[-context:]]))[0, -1].argmax()))
+    return idx[len(ids):]
+
+
+@pytest.mark.parametrize("max_new_tokens", [28, 128, 150])
+def test_prompt_and_new_tokens_past_the_context_follow_the_book(model, max_new_tokens, caplog):
+    """Issue 18: a prompt longer than the context is cropped to its last tokens, and new tokens
+    at or past the context are each decided from the last context_length tokens, the book's
+    way (before, the prompt was cut to leave room for every new token, and max_new_tokens at
+    or above the context was refused)."""
     long_prompt = [(7 * i) % 5000 for i in range(300)]
-    new = generate_tokens(model, [long_prompt], max_new_tokens=28)
-    assert new == generate_tokens(model, [long_prompt[-100:]], max_new_tokens=28)
-    assert generate_tokens(model, [long_prompt, PROMPTS[0]], max_new_tokens=28)[0] == new[0]
-    with pytest.raises(LlmftError, match="max_new_tokens=128 leaves no room"):
-        generate_tokens(model, [long_prompt], max_new_tokens=128)
+    expected = [book_generate(model, p, max_new_tokens) for p in (long_prompt, PROMPTS[0])]
+    with caplog.at_level("INFO", logger="llmft"):
+        for use_cache in (True, False):
+            assert generate_tokens(model, [long_prompt, PROMPTS[0]], max_new_tokens=max_new_tokens,
+                                   use_cache=use_cache) == expected
+        assert generate_tokens(model, [long_prompt], max_new_tokens=max_new_tokens) == expected[:1]
+    notes = {r.getMessage() for r in caplog.records}
+    assert ("note: a prompt of 300 tokens is longer than the model's context of 128 tokens; it is cropped to its "
+            "last 128 tokens") in notes
+    assert any("reach past the model's context of 128 tokens" in n for n in notes)
 
 
 def test_top_k_1_sampling_equals_greedy(model):

@@ -231,8 +231,8 @@ def test_unsupported_architecture(tmp_path):
 
 def test_unsupported_quantization_names_tensor_and_type(tmp_path):
     message = load_error(write_gguf(tmp_path / "q5.gguf", TINY,
-                                    gguf_tensors(TINY, tiny_model().state_dict(), "llama"), Q.Q5_0))
-    assert "Q5_0" in message and "token_embd.weight" in message
+                                    gguf_tensors(TINY, tiny_model().state_dict(), "llama"), Q.Q5_1))
+    assert "Q5_1" in message and "token_embd.weight" in message
 
 
 @pytest.mark.parametrize("keep", [0.02, 0.3, 0.7, 0.999])
@@ -277,7 +277,7 @@ def test_metadata_disagreeing_with_tensor_shapes(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [
-    ({"tokenizer_model": "llama"}, "tokenizer.ggml.model 'llama'"),
+    ({"tokenizer_model": "t5"}, "tokenizer.ggml.model 't5'"),
     ({"pre": "unheard-of"}, "tokenizer.ggml.pre 'unheard-of'"),
 ])
 def test_unsupported_tokenizer(tmp_path, kwargs, expected):

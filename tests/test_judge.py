@@ -156,7 +156,7 @@ def test_failure_keeps_scores_and_resume_skips_them(serve, tmp_path):
         judge_responses(ENTRIES + [dict(ENTRIES[0], model_response="x")], OllamaJudge("m", flaky.url),
                         out, progress=False)
     assert str(e.value).endswith("HTTP 500 (out of memory) (2 of 4 scores saved in "
-                                 f"{out}; run again to resume)")
+                                 f"{out}; run the same command to continue)")
     assert len(json.loads(out.read_text())["entries"]) == 2
 
     good = serve(lambda path, body: ollama_stream("90"))

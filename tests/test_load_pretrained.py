@@ -107,7 +107,7 @@ def test_local_llama_folder_in_bfloat16(tmp_path: Path) -> None:
     hf = llama_folder(tmp_path / "llama")
     normal_ = torch.nn.init.normal_
     p = load_pretrained(str(tmp_path / "llama"))
-    assert torch.nn.init.normal_ is normal_  # initialisation skipped while loading, then restored
+    assert torch.nn.init.normal_ is normal_  # loading replaces no torch.nn.init function
     assert isinstance(p.tokenizer, HFTokenizer) and p.tokenizer.eos_id == 0
     assert_same_logits(p.model, hf, 96)
     p16 = load_pretrained(str(tmp_path / "llama"), dtype="bfloat16")
@@ -163,7 +163,8 @@ def test_registry_name_offline_fails_fast(offline: Path) -> None:
     assert str(e.value) == (
         "gpt2-small: pretrained weights need the Hugging Face hub, which is unreachable (cannot "
         "reach the Hugging Face hub for openai-community/gpt2: HF_HUB_OFFLINE is set; not in the "
-        "local hub cache); use --model smollm2-135m-instruct (installs offline) or --model PATH")
+        "local hub cache); use --model smollm2-135m-instruct (installs offline) or --model gemma3-270m "
+        "(installs offline) or --model PATH")
 
 
 def test_unreachable_hub_is_detected_quickly(monkeypatch: pytest.MonkeyPatch, offline: Path) -> None:

@@ -19,7 +19,7 @@ from llmft.pipelines.classification import ClassifyOptions, train_classifier
 from llmft.pipelines.instruction import InstructOptions, train_instructions
 from llmft.training.lora import LoRAConfig
 from llmft.training.loop import TrainConfig
-from tests.helpers import INSTRUCTIONS, ROOT, SMS
+from tests.helpers import ROOT, write_slices
 
 TINY = {"n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 128}
 
@@ -76,10 +76,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    (root / "spam.tsv").write_text("\n".join(SMS.read_text(encoding="utf-8").splitlines()[:600]) + "\n",
-                                   encoding="utf-8")
-    (root / "sft.json").write_text(json.dumps(json.loads(INSTRUCTIONS.read_text())[:60]))
+    root = write_slices(tmp_path_factory.mktemp("data"), 600, 60)
     os.environ["LLMFT_TEST_RESUME_DATA"] = str(root)
     return root
 

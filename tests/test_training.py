@@ -100,7 +100,7 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_gpt2_config, monkeypa
     base = build_model(tiny_gpt2_config)
     data = torch.randint(0, 1000, (8, 10))
     optimizers = []
-    monkeypatch.setattr(loop, "make_optimizer", lambda model, cfg, device: optimizers.append(
+    monkeypatch.setattr(loop, "make_optimizer", lambda model, cfg, device, **_: optimizers.append(
         GradientRecorder([p for p in model.parameters() if p.requires_grad])) or optimizers[-1])
     for accum, bs in ((1, 8), (2, 4)):
         batches = [{"x": data[i:i + bs]} for i in range(0, 8, bs)]

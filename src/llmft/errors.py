@@ -15,6 +15,12 @@ class LlmftError(Exception):
 ONE_LINE_MAX = 300  # characters of a library's message quoted inside ours
 
 
+class Interrupted(LlmftError):
+    """The user stopped a command (Ctrl-C, SIGTERM); the message says what was kept and how to go on."""
+
+    exit_code = 130
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message for the parentheses of an `LlmftError`: on one line (library
     messages often span many, the useful part not always the first), cut to `ONE_LINE_MAX`

@@ -24,6 +24,7 @@ agrees with is a step saved.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +36,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmft.errors import LlmftError
 from llmft.models.prepacked import prepacked_linears
+
+log = logging.getLogger("llmft")
 
 # cuDNN's attention (PyTorch's first choice for bf16 on recent GPUs) plans each new shape
 # anew, and decoding grows the key length by one every step: decoding on a GPU was many times
@@ -128,13 +131,23 @@ def decoding_session(model: Any, prepack: bool = True) -> Iterator[None]:
         model.train(was_training)
 
 
-def crop_prompt(ids: Sequence[int], context_length: int, max_new_tokens: int) -> list[int]:
-    """The last tokens of a prompt that leave room for `max_new_tokens` in the context."""
-    room = context_length - max_new_tokens
-    if room < 1:
-        raise LlmftError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
-                         f"model's context of {context_length} tokens")
-    return list(ids[-room:])
+def crop_prompt(ids: Sequence[int], context_length: int) -> list[int]:
+    """What the model sees of a sequence: its last `context_length` tokens (the book's
+    `idx[:, -context_size:]`)."""
+    return list(ids[-context_length:])
+
+
+def note_context(prompt_lengths: Sequence[int], context_length: int, max_new_tokens: int) -> None:
+    """One line each when the context cuts what the model sees: a prompt longer than it, and
+    new tokens that may reach past it."""
+    longest = max(prompt_lengths)
+    if longest > context_length:
+        log.warning("note: a prompt of %d tokens is longer than the model's context of %d tokens; it is cropped to "
+                    "its last %d tokens", longest, context_length, context_length)
+    if min(longest, context_length) + max_new_tokens > context_length:
+        log.info("note: a %d-token prompt and up to %d new tokens reach past the model's context of %d tokens; "
+                 "from there each new token is decided from the last %d tokens (the book's generate)",
+                 min(longest, context_length), max_new_tokens, context_length, context_length)
 
 
 class DecodingState:
@@ -308,6 +321,51 @@ def _take(row_out: list[int], tokens: Sequence[int], eos: set[int], max_new_toke
     return True
 
 
+class ContextWindows:
+    """A batch's `DecodingState` kept within the model's context. Each row is its prompt and new
+    tokens (`rows`, `out`); the state holds each row's last `context_length` tokens with room
+    for the new tokens that fit. When a step would take a row past the context, the state is
+    made anew from every row's last tokens and prefilled (the book's sliding window: each new
+    token decided from the last `context_length` tokens). Dropped from the model on exit."""
+
+    def __init__(self, model: Any, rows: Sequence[list[int]], out: Sequence[list[int]], max_new_tokens: int,
+                 use_cache: bool) -> None:
+        self.model, self.rows, self.out, self.use_cache = model, rows, out, use_cache
+        self.max_new_tokens = max_new_tokens
+        self.context = model.cfg.context_length
+        self.state = self._window(range(len(rows)))
+
+    def __enter__(self) -> ContextWindows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.clear_kv_cache()
+
+    def _window(self, active: Iterable[int]) -> DecodingState:
+        active = list(active)
+        seqs = [crop_prompt(self.rows[r] + self.out[r], self.context) for r in active]
+        left = max(self.max_new_tokens - len(self.out[r]) for r in active)
+        state = DecodingState(self.model, seqs, min(left, self.context - max(map(len, seqs))), self.use_cache)
+        state.active = active
+        return state
+
+    def advance(self, keep: list[int], new: list[list[int]], draft_tokens: int) -> tuple[torch.Tensor, list[int]]:
+        """Keep the batch rows `keep`, run their `new` tokens and, for a single row, a guess of up
+        to `draft_tokens` (`prompt_lookup_draft`); the next-token logits and the guess."""
+        state = self.state
+        state.evict(keep)
+        room = state.total - state.end - len(new[0])
+        if room < 0:  # a row would pass the context: its last tokens, prefilled anew
+            self.state = self._window(state.active)
+            return self.state.prefill(), []
+        draft: list[int] = []
+        if draft_tokens and len(keep) == 1:
+            row = state.active[0]
+            seen = self.rows[row] + self.out[row]
+            draft = prompt_lookup_draft(seen, min(draft_tokens, self.max_new_tokens - len(self.out[row]) - 1, room))
+        return state.step(new, draft), draft
+
+
 @torch.no_grad()
 def stream_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -320,8 +378,10 @@ def stream_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_token
 
     A row stops at a token in `eos_ids` (not included in its output), when
     `is_done(new_tokens)` says so (the caller's stop-string check), or after `max_new_tokens`.
-    Prompts longer than the context allows are cropped to their last tokens. The model is
-    called in eval mode (`decoding_session`) and its cache is cleared afterwards.
+    The model sees at most its context: a longer prompt is cropped to its last tokens, and new
+    tokens past the context are each decided from the last `context_length` tokens, as the
+    book's `generate` does (`ContextWindows`; a one-line note says so). The model is called in
+    eval mode (`decoding_session`) and its cache is cleared afterwards.
 
     Greedy decoding of a single row (a batch of one, or the last row left of a batch) with the
     cache verifies `draft_tokens` guessed tokens per step (`prompt_lookup_draft`): one
@@ -336,14 +396,16 @@ def stream_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_token
     """
     if not prompts or max_new_tokens < 1:
         return
-    rows = [crop_prompt(p, model.cfg.context_length, max_new_tokens) for p in prompts]
+    rows = [list(p) for p in prompts]
     if any(not r for r in rows):
         raise LlmftError("cannot generate from an empty prompt")
+    note_context([len(r) for r in rows], model.cfg.context_length, max_new_tokens)
     guessing = temperature == 0.0 and use_cache and draft_tokens > 0
     eos, out = set(eos_ids), [[] for _ in rows]
-    with decoding_session(model, prepack), DecodingState(model, rows, max_new_tokens, use_cache) as state:
-        logits, draft = state.prefill(), []
+    with decoding_session(model, prepack), ContextWindows(model, rows, out, max_new_tokens, use_cache) as windows:
+        logits, draft = windows.state.prefill(), []
         while True:
+            state = windows.state
             decided, keep, new = {}, [], []
             choices = next_tokens(logits, temperature, top_k, top_p, generator)
             for j, chosen in enumerate(choices.tolist()):  # the one host sync per step
@@ -358,12 +420,7 @@ def stream_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_token
                 yield decided
             if not keep:
                 return
-            state.evict(keep)
-            draft = []
-            if guessing and len(keep) == 1:
-                row = state.active[0]
-                draft = prompt_lookup_draft(rows[row] + out[row], min(draft_tokens, max_new_tokens - len(out[row]) - 1))
-            logits = state.step(new, draft)
+            logits, draft = windows.advance(keep, new, draft_tokens if guessing else 0)
 
 
 def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:

@@ -1,14 +1,29 @@
-"""The book's `plot_values`: train vs. validation against epochs, with a second x-axis of
-examples (or tokens) seen. Saved as PNG and PDF."""
+"""Plots of a run, saved as PNG and PDF (each written under a temporary name, then renamed):
+the book's `plot_values` (train vs. validation against epochs, with a second x-axis of examples
+or tokens seen), and scikit-learn's displays (a classifier's confusion matrix and curves)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+def save_figure(fig, out_stem: Path) -> list[Path]:
+    """`out_stem`.png and .pdf, each complete or absent; the figure is closed."""
+    paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
+    try:
+        for path in paths:
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            fig.savefig(tmp, format=path.suffix[1:])
+            tmp.replace(path)
+    finally:
+        plt.close(fig)
+    return paths
 
 
 def plot_values(epochs_seen: list[float], seen: list[int], train_values: list[float],
@@ -23,8 +38,14 @@ def plot_values(epochs_seen: list[float], seen: list[int], train_values: list[fl
     ax2.plot(seen, train_values, alpha=0)
     ax2.set_xlabel(seen_label)
     fig.tight_layout()
-    paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
-    for path in paths:
-        fig.savefig(path)
-    plt.close(fig)
-    return paths
+    return save_figure(fig, out_stem)
+
+
+def plot_display(display, title: str, out_stem: Path, size: float = 4.5, **options) -> list[Path]:
+    """A scikit-learn display (confusion matrix, ROC or precision-recall curve) as a figure;
+    `options` go to its `plot`."""
+    fig, ax = plt.subplots(figsize=(size, size))
+    display.plot(ax=ax, **options)
+    ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, out_stem)

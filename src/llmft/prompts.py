@@ -170,6 +170,11 @@ class ChatTemplate(PromptStyle):
         return self._render([{"role": "user", "content": user_message(entry)}],
                             add_generation_prompt=True)
 
+    def format_messages(self, messages: list[dict[str, str]]) -> str:
+        """The prompt for a whole conversation ({"role", "content"} messages), up to the
+        assistant's next turn."""
+        return self._render(messages, add_generation_prompt=True)
+
     def response_text(self, entry: Entry) -> str:
         # Whatever the template writes after the prompt for this answer, so training text and
         # prompt agree token for token; templates that rewrite the history (rare) fall back to

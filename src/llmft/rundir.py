@@ -46,6 +46,7 @@ class RunMeta:
     lora: dict[str, Any] | None = None  # LoRAConfig.to_dict() for an adapter run
     labels: list[str] | None = None  # classification: class names, in head order
     class_token: str | None = None  # classification: which hidden state the head reads
+    truncate: str = "head"  # classification: which end of a longer text is kept (head or tail)
     prompt_style: str | None = None  # instruction: the prompt format it was trained on
     merged_from: dict[str, Any] | None = None  # `llmft merge`: the LoRA run it came from
     options: dict[str, Any] = field(default_factory=dict)  # the command's options, for the record
@@ -117,6 +118,7 @@ class RunDir:
     ADAPTER = "adapter.safetensors"  # a LoRA run: adapters + the task's new head
     TOKENIZER = "tokenizer"
     RESULTS = "results.json"
+    EVALUATION = "evaluation.json"  # classify eval: the metrics report (confusion.png, roc.png, pr.png beside it)
     MODEL_FILES = (META, WEIGHTS, ADAPTER, TOKENIZER)  # what describes the model, not the run's history
     TABLES = {"steps": "metrics", "epochs": "epochs"}  # metrics tables -> file stems (.csv and .jsonl)
     CHECKPOINTS = "checkpoints"  # training checkpoints, while the run is in its staging folder
@@ -137,6 +139,15 @@ class RunDir:
     def plot(self, name: str) -> Path:
         """The stem of a plot (written as .png and .pdf)."""
         return self.path / name
+
+    def evaluation(self, data: str | None = None) -> RunDir:
+        """Where `classify eval` puts its report and plots: the run itself for its own test split,
+        `eval-STEM/` inside it for a labelled file `data` (made here)."""
+        if data is None:
+            return self
+        folder = RunDir(self.path / f"eval-{Path(data).stem}")
+        folder.path.mkdir(exist_ok=True)
+        return folder
 
     def table(self, name: str) -> Path:
         return self.path / f"{self.TABLES[name]}.csv"
@@ -252,10 +263,16 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def staging_path(out: Path | str) -> Path:
+    """Where the run `out` is made before it appears (and where its checkpoints are)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.staging"
+
+
 def _staging(out: Path, resume: bool) -> Path:
     """The staging folder of `out`, ready for this command: an interrupted run's is kept for
     `resume`, refused without it when it holds a checkpoint, and removed otherwise."""
-    staging = out.parent / f".{out.name}.staging"
+    staging = staging_path(out)
     if staging.exists() and RunDir(staging).has_checkpoint():
         if not resume:
             raise LlmftError(f"{out}: an interrupted run left a checkpoint in {staging}; add --resume to "

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from llmft.errors import LlmftError
+from llmft.data.classification import check_truncate
 from llmft.models.transformer import DecoderLM
 from llmft.training.heads import SequenceClassifier, check_class_token
 
@@ -31,6 +32,7 @@ class TaskSpec:
 
 def _check_classifier(meta: RunMeta, source: str) -> None:
     check_class_token(meta.class_token, f"{source}: field 'class_token'")
+    check_truncate(meta.truncate, f"{source}: field 'truncate'")
     if len(meta.labels) < 2:
         raise LlmftError(f"{source}: field 'labels' needs at least two classes, got {meta.labels}")
 

@@ -100,13 +100,15 @@ class HFTokenizer:
     tokens and chat template that live beside it in `tokenizer_config.json`.
 
     Raw text is encoded without added special tokens; prompt styles and chat templates add
-    them explicitly, so what is trained on is exactly what is written.
+    them explicitly, so what is trained on is exactly what is written. The one exception is
+    `add_bos` (``add_bos_token``, Gemma's vocabularies): every text then starts with the BOS
+    token, added unless the text itself begins with it (a chat template that writes it).
     """
 
     kind = "hf"
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, eos_token: str,
-                 bos_token: str | None = None, chat_template: str | None = None) -> None:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, eos_token: str, bos_token: str | None = None,
+                 chat_template: str | None = None, add_bos: bool = False) -> None:
         self._tok = tokenizer
         self.eos_token, self.bos_token, self.chat_template = eos_token, bos_token, chat_template
         eos_id = tokenizer.token_to_id(eos_token)
@@ -114,6 +116,7 @@ class HFTokenizer:
             raise LlmftError(f"tokenizer: end-of-text token {eos_token!r} is not in the vocabulary")
         self.eos_id = eos_id
         self.bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
+        self.add_bos = add_bos and self.bos_id is not None
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
@@ -139,10 +142,11 @@ class HFTokenizer:
         eos = token("eos_token")
         if eos is None:
             raise LlmftError(f"{folder}: no eos_token in tokenizer_config.json")
-        return cls(tok, eos, token("bos_token"), meta.get("chat_template"))
+        return cls(tok, eos, token("bos_token"), meta.get("chat_template"), bool(meta.get("add_bos_token")))
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if self.add_bos and ids[:1] != [self.bos_id] else ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
@@ -151,7 +155,7 @@ class HFTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(folder / "tokenizer.json"))
         spec = {"kind": self.kind, "eos_token": self.eos_token, "bos_token": self.bos_token,
-                "chat_template": self.chat_template}
+                "chat_template": self.chat_template, "add_bos_token": self.add_bos}
         (folder / TOKENIZER_SPEC).write_text(json.dumps(spec, indent=2), encoding="utf-8")
 
 

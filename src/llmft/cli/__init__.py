@@ -9,9 +9,12 @@ import logging
 
 import click
 
+from llmft.cli.chat import chat
 from llmft.cli.classify import classify
 from llmft.cli.instruct import generate, instruct
 from llmft.cli.merge import merge
+from llmft.cli.options import add_threads_option
+from llmft.cli.serve import serve
 from llmft.errors import LlmftError
 
 
@@ -26,6 +29,9 @@ cli.add_command(classify)
 cli.add_command(instruct)
 cli.add_command(generate)
 cli.add_command(merge)
+cli.add_command(serve)
+cli.add_command(chat)
+add_threads_option(cli)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,4 +47,3 @@ def main(argv: list[str] | None = None) -> int:
         e.show()
         return 2
     return 0
-

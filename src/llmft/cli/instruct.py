@@ -1,4 +1,4 @@
-"""`llmft instruct train | respond | judge` and `llmft generate`."""
+"""`llmft instruct train | dpo | respond | judge` and `llmft generate`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from llmft.cli.options import (
-    lora_config, lora_options, prepack_option, run_options, train_config, train_options,
+    command_options, lora_options, prepack_option, run_options, sampling_options, train_options,
 )
 
 
@@ -33,10 +33,41 @@ def train_cmd(**kwargs) -> None:
     """Fine-tune a model to follow instructions."""
     from llmft.pipelines.instruction import InstructOptions, train_instructions
 
-    cfg, lora = train_config(kwargs), lora_config(kwargs)
-    results = train_instructions(InstructOptions(**kwargs, lora=lora, train=cfg))
+    results = train_instructions(command_options(InstructOptions, kwargs, "instruction", "instruct train"))
     click.echo(f"validation loss (whole split): {results['full_val_loss_before']:.3f} -> "
                f"{results['full_val_loss_after']:.3f}")
+    click.echo(f"run saved to {kwargs['out']}")
+
+
+@instruct.command("dpo")
+@run_options("gpt2-medium", "instruction-data-with-preference",
+             "Data set name, or a JSON list / JSONL file with instruction, input, chosen and rejected.")
+@click.option("--prompt-style", default=None, help="For a model spec (a run keeps its own): alpaca, phi3, chatml, "
+              "chat-template (default: the model's chat template, else alpaca).")
+@click.option("--instruction-key", default="instruction")
+@click.option("--input-key", default="input")
+@click.option("--chosen-key", default="chosen")
+@click.option("--rejected-key", default="rejected")
+@click.option("--shuffle-split/--book-split", default=True, help="Seeded shuffle before the 85/10/5 split, "
+              "or the notebook's split of the file in order.")
+@click.option("--beta", type=float, default=0.1, show_default=True,
+              help="DPO beta: how strongly the policy is held near the reference.")
+@click.option("--logprob-reduction", type=click.Choice(["mean", "sum"]), default="mean", show_default=True,
+              help="A response's log-probability: the mean over its tokens (the book) or the sum (TRL).")
+@click.option("--max-length", type=int, default=None, help="Truncate examples (default: the model's context).")
+@lora_options
+@train_options(epochs=1, lr=5e-6, weight_decay=0.01, eval_freq=5, eval_iter=5)
+def dpo_cmd(**kwargs) -> None:
+    """Preference-tune (DPO) an instruction model towards the chosen responses. --model is an
+    `instruct train` run (full or LoRA) or a model name or path."""
+    from llmft.pipelines.preference import PreferenceOptions, train_preferences
+
+    results = train_preferences(command_options(PreferenceOptions, kwargs, "instruction", "instruct dpo"))
+    click.echo(f"validation (whole split): reward margin {results['full_val_reward_margin_before']:.3f} -> "
+               f"{results['full_val_reward_margin_after']:.3f}, reward accuracy "
+               f"{results['full_val_reward_accuracy_before'] * 100:.1f}% -> "
+               f"{results['full_val_reward_accuracy_after'] * 100:.1f}%, loss {results['full_val_loss_before']:.3f} "
+               f"-> {results['full_val_loss_after']:.3f}")
     click.echo(f"run saved to {kwargs['out']}")
 
 
@@ -89,14 +120,7 @@ def judge_cmd(responses: Path, judge_spec: str, judge_url: str | None, out: Path
 @click.command()
 @click.argument("args", nargs=-1, required=True)
 @click.option("--model", default=None, help="Chat with this model (registry name or path) instead of a run.")
-@click.option("--max-new-tokens", default=256)
-@click.option("--temperature", default=0.0, help="0: greedy.")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--device", default="auto")
-@click.option("--compile", is_flag=True, help="torch.compile the blocks (GPU).")
-@prepack_option
+@sampling_options
 def generate(args: tuple[str, ...], model: str | None, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, device: str, compile: bool,
              prepack: bool) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, get_args, get_type_hints
 
 import click
+from click.core import ParameterSource
 
 from llmft.training.lora import FINETUNE_MODES, LoRAConfig
 from llmft.training.loop import TrainConfig
@@ -28,6 +29,7 @@ HELP = {
     "group_by_length": "Batch examples of similar length together (less padding), still shuffled.",
     "compile": "torch.compile forward + loss into one graph (GPU; slow to start on CPU).",
     "grad_checkpoint": "Recompute activations in backward: less memory for long sequences.",
+    "strategy": "Under torchrun: ddp (auto) or fsdp (FSDP2, each block sharded).",
     "checkpoint_every": "Checkpoint every N optimizer steps and at each epoch's end (for --resume).",
     "keep_checkpoints": "How many checkpoints to keep.",
 }
@@ -42,6 +44,9 @@ def run_options(model: str, data: str, data_help: str):
         click.option("--random-init", is_flag=True, help="Random weights instead of pretrained (tests, benchmarks)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing run directory."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its newest checkpoint."),
+        click.option("--config", type=click.Path(), default=None,
+                     help="Rerun with the options recorded in a run's run.json (or its folder); the options given "
+                          "on the command line override them (--out, --overwrite and --resume are never taken)."),
     ]
 
     def decorate(command):
@@ -78,6 +83,42 @@ def train_config(kwargs: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(TrainConfig)})
 
 
+def command_options(options_class: type, kwargs: dict[str, Any], task: str, command: str) -> Any:
+    """The command's options object from its flags (`kwargs`, as click gives them); with
+    --config, from the options a run of `task` was made with, each flag given on the command line
+    overriding its recorded value."""
+    from llmft.pipelines.options import recorded_options
+
+    config = kwargs.pop("config")
+    if config:
+        ctx = click.get_current_context()
+        given = {name: value for name, value in kwargs.items()
+                 if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
+        kwargs = {**flat_options(recorded_options(config, options_class, task, command)), **given}
+    return options_class(**nested_options(kwargs))
+
+
+def flat_options(record: dict[str, Any]) -> dict[str, Any]:
+    """Recorded options (`RunOptions.record()`) as a command's flags: TrainConfig's fields, the
+    --lora-* settings, --train-frac/--val-frac for the split."""
+    flat = {name: value for name, value in record.items() if name not in ("train", "lora", "split")}
+    flat.update(record.get("train", {}))
+    flat.update({f"lora_{name}": ",".join(value) if name == "targets" else value
+                 for name, value in record.get("lora", {}).items()})
+    if "split" in record:
+        flat["train_frac"], flat["val_frac"] = record["split"]
+    return flat
+
+
+def nested_options(flat: dict[str, Any]) -> dict[str, Any]:
+    """A command's flags as its options object's fields (the inverse of `flat_options`)."""
+    kwargs = dict(flat)
+    kwargs["train"], kwargs["lora"] = train_config(kwargs), lora_config(kwargs)
+    if "train_frac" in kwargs:
+        kwargs["split"] = (kwargs.pop("train_frac"), kwargs.pop("val_frac"))
+    return kwargs
+
+
 def lora_options(command):
     """--finetune full|lora and the LoRA settings (book appendix E: rank 16, alpha 16, every Linear)."""
     options = [
@@ -100,6 +141,39 @@ def lora_config(kwargs: dict[str, Any]) -> LoRAConfig:
     """Pop the --lora-* options out of a command's keyword arguments."""
     return LoRAConfig(rank=kwargs.pop("lora_rank"), alpha=kwargs.pop("lora_alpha"),
                       dropout=kwargs.pop("lora_dropout"), targets=kwargs.pop("lora_targets"))
+
+
+def sampling_options(command):
+    """How a command generates: --max-new-tokens, --temperature, --top-k, --top-p, --seed,
+    --device, --compile, --prepack."""
+    options = [
+        click.option("--max-new-tokens", default=256),
+        click.option("--temperature", default=0.0, help="0: greedy."),
+        click.option("--top-k", type=int, default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--seed", type=int, default=None),
+        click.option("--device", default="auto"),
+        click.option("--compile", is_flag=True, help="torch.compile the blocks (GPU)."),
+        prepack_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def add_threads_option(group: click.Group) -> None:
+    """Give every command under `group` `--threads N` (torch's CPU threads; default: torch's own),
+    applied before the command's other options are read."""
+    from llmft.training.resources import set_threads
+
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            add_threads_option(command)
+            continue
+        command.params.append(click.Option(
+            ["--threads"], type=int, default=None, is_eager=True, expose_value=False,
+            callback=lambda ctx, param, value: set_threads(value),
+            help="CPU threads for torch (default: torch's own, one per core)."))
 
 
 prepack_option = click.option(

@@ -8,12 +8,24 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmft.errors import LlmftError
 from llmft.tokenizers import Tokenizer
 
 Example = tuple[str, str]  # (text, label)
+TRUNCATE_SIDES = ("head", "tail")  # which end of a text longer than max_length is kept
+
+
+def check_truncate(side: object, what: str = "--truncate") -> None:
+    if side not in TRUNCATE_SIDES:
+        raise LlmftError(f"{what} must be one of {', '.join(TRUNCATE_SIDES)}, got {side!r}")
+
+
+def truncate(ids: list[int], max_length: int, side: str = "head") -> list[int]:
+    """The first (`head`, the book's cut) or the last (`tail`) `max_length` tokens of a text."""
+    return ids[:max_length] if side == "head" else ids[-max_length:]
 
 
 @dataclass
@@ -104,11 +116,15 @@ def class_counts(examples: list[Example]) -> dict[str, int]:
 
 
 class ClassificationDataset(torch.utils.data.Dataset):
-    """Pre-tokenized texts, each truncated to `max_length` tokens, with integer labels."""
+    """Pre-tokenized texts, each truncated to `max_length` tokens (its head or its tail), with
+    integer labels; `full_lengths` are the texts' lengths before the cut."""
 
-    def __init__(self, examples: list[Example], tokenizer: Tokenizer, labels: list[str], max_length: int) -> None:
+    def __init__(self, examples: list[Example], tokenizer: Tokenizer, labels: list[str], max_length: int,
+                 side: str = "head") -> None:
         index = {name: i for i, name in enumerate(labels)}
-        self.token_ids = [tokenizer.encode(text)[:max_length] for text, _ in examples]
+        encoded = [tokenizer.encode(text) for text, _ in examples]
+        self.full_lengths = [len(ids) for ids in encoded]
+        self.token_ids = [truncate(ids, max_length, side) for ids in encoded]
         self.labels = [index[label] for _, label in examples]
 
     def __len__(self) -> int:
@@ -120,6 +136,29 @@ class ClassificationDataset(torch.utils.data.Dataset):
 
 def longest(examples: list[Example], tokenizer: Tokenizer) -> int:
     return max(len(tokenizer.encode(text)) for text, _ in examples)
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    """Text lengths in tokens, and how many texts a `max_length` cuts."""
+
+    texts: int
+    mean: float
+    p95: float
+    longest: int
+    max_length: int
+    truncated: int
+
+    def describe(self) -> str:
+        return (f"text lengths: mean {self.mean:.1f} tokens, 95th percentile {self.p95:.0f}, max {self.longest:,} "
+                f"({self.texts:,} texts); max length {self.max_length:,} truncates {self.truncated:,} of them "
+                f"({self.truncated / self.texts:.1%})")
+
+
+def length_stats(lengths: list[int], max_length: int) -> LengthStats:
+    values = np.asarray(lengths)
+    return LengthStats(len(values), float(values.mean()), float(np.percentile(values, 95)), int(values.max()),
+                       max_length, int((values > max_length).sum()))
 
 
 def collate_classification(batch: list[tuple[list[int], int]], pad_id: int,

@@ -41,6 +41,12 @@ NAMED_DATASETS = {
             "instruction-data.json",
         relative="instruction-data/instruction-data.json",
     ),
+    "instruction-data-with-preference": NamedDataset(
+        url="https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+            "instruction-data-with-preference.json",
+        relative="instruction-data/instruction-data-with-preference.json",
+        md5="fd0bb356c59f99c5b6c2d83c24e759cc",
+    ),
 }
 
 
@@ -152,23 +158,29 @@ def _checked(path: Path, where: int | str, text: object, label: object) -> tuple
     return text, str(label).strip()
 
 
-def _read_table(path: Path, lines: list[str], delimiter: str, text_column: str, label_column: str):
+def table_rows(path: Path, lines: list[str], delimiter: str, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, row) for each data row of a table with a header row that names `columns`."""
     reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delimiter)
-    missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
         raise LlmftError(f"{path}, line 1: missing column(s) {', '.join(map(repr, missing))}; "
                          f"found {', '.join(map(repr, reader.fieldnames or []))} "
                          f"(choose with --text-column/--label-column)")
-    pairs = []
+    rows = []
     for row in reader:
         if None in row:  # DictReader files surplus fields under None
             raise LlmftError(f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields, "
                              f"but the header names {len(reader.fieldnames)} (quote a text that holds "
                              f"{delimiter!r})")
-        pairs.append(_checked(path, reader.line_num, row[text_column], row[label_column]))
-    if not pairs:
+        rows.append((reader.line_num, row))
+    if not rows:
         raise LlmftError(f"{path}: has a header row but no data rows")
-    return pairs
+    return rows
+
+
+def _read_table(path: Path, lines: list[str], delimiter: str, text_column: str, label_column: str):
+    return [_checked(path, number, row[text_column], row[label_column])
+            for number, row in table_rows(path, lines, delimiter, (text_column, label_column))]
 
 
 def _read_json(path: Path, text_column: str, label_column: str) -> list[tuple[str, str]]:

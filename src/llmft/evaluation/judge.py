@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from tqdm import tqdm
 
-from llmft.errors import LlmftError
+from llmft.errors import Interrupted, LlmftError
 from llmft.generation import generate
+from llmft.progress import progress_bar
 from llmft.prompts import PromptStyle, default_prompt_style, format_input
 from llmft.rundir import atomic_write_json, read_json
 
@@ -241,17 +241,19 @@ def judge_responses(entries: Sequence[Mapping[str, Any]], judge: Judge, out_path
         atomic_write_json(out_path, {"judge": judge.name, "n_entries": len(entries), "entries": done})
 
     todo = [i for i, r in enumerate(records) if r is None]
-    bar = tqdm(total=len(entries), initial=len(entries) - len(todo), desc=f"judge {judge.name}",
+    bar = progress_bar(total=len(entries), initial=len(entries) - len(todo), desc=f"judge {judge.name}",
                disable=not progress)
     for i in todo:
         prompt = judge_prompt(entries[i], response_key)
         try:
             reply = judge.score(prompt)
-        except LlmftError as e:
+        except (LlmftError, KeyboardInterrupt) as e:
             bar.close()
             n_saved = sum(r is not None for r in records)
-            saved = (f"{n_saved} of {len(entries)} scores saved in {out_path}; run again to resume" if n_saved
-                     else "no score saved")
+            saved = (f"{n_saved} of {len(entries)} scores saved in {out_path}; run the same command to continue"
+                     if n_saved else "no score saved")
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted(f"interrupted ({saved})") from None
             raise LlmftError(f"{e} ({saved})") from None
         records[i] = {"index": i, "fingerprint": _fingerprint(judge.name, prompt),
                       "score": parse_score(reply), "reply": reply}

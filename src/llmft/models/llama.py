@@ -4,25 +4,28 @@ grouped-query attention. Qwen2 differs only by `qkv_bias=True` in its config."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmft.models.config import ModelConfig, RopeScaling
 from llmft.models.transformer import DecoderLM, Rope
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)) (Shazeer, 2020)."""
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) (Shazeer, 2020): SwiGLU with SiLU (Llama), GeGLU with GELU (Gemma)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, act: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> None:
         super().__init__()
         self.gate = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.bias)
         self.up = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.bias)
         self.down = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=cfg.bias)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.gate(x)) * self.up(x))
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -43,6 +46,13 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
     return torch.where(medium, blended, scaled).float()
 
 
+def rotary(inv_freq: torch.Tensor, positions: torch.Tensor) -> Rope:
+    """(cos, sin), each (B, T, head_dim), of the angles position · inv_freq for every pair."""
+    angles = positions.unsqueeze(-1).float() * inv_freq  # (B, T, head_dim / 2)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
 class Llama(DecoderLM):
     def init_buffers(self) -> None:
         inv_freq = rope_inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
@@ -52,9 +62,7 @@ class Llama(DecoderLM):
         return nn.RMSNorm(self.cfg.emb_dim, eps=self.cfg.norm_eps)
 
     def make_mlp(self) -> nn.Module:
-        return SwiGLU(self.cfg)
+        return GatedMLP(self.cfg)
 
     def rope(self, positions: torch.Tensor) -> Rope:
-        angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, head_dim / 2)
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos(), angles.sin()
+        return rotary(self.inv_freq, positions)

@@ -1,9 +1,10 @@
 """The decoder-only transformer shared by every architecture.
 
 `DecoderLM` is the whole skeleton: token embedding, a stack of pre-norm `Block`s, final norm,
-output head. An architecture (`gpt2.py`, `llama.py`) only says which norm, which MLP and how
-positions enter (learned embeddings or rotary). Everything downstream (classification heads,
-freezing, adapters, the activation cache, generation) relies on these names:
+output head. An architecture (`gpt2.py`, `llama.py`, `gemma3.py`) only says which norm, which
+MLP and how positions enter (learned embeddings or rotary), and where it differs, what a block
+holds (`make_block`) and how each block rotates (`layer_ropes`). Everything downstream
+(classification heads, freezing, adapters, the activation cache, generation) relies on these names:
 ``tok_emb``, ``blocks[i].attn.{query,key,value,proj}``, ``blocks[i].mlp``, ``final_norm``,
 ``out_head``.
 """
@@ -70,6 +71,14 @@ def kept_mask(keep: torch.Tensor, T: int, cache_pos: int, mask: torch.Tensor | N
     return (slots <= cache_pos + keep.unsqueeze(-1)).unsqueeze(1)
 
 
+def within_window(mask: torch.Tensor | None, q_slots: torch.Tensor, S: int, window: int) -> torch.Tensor:
+    """`mask` (None: causal) narrowed to sliding-window attention: a query at slot q (q_slots,
+    (..., K)) sees only keys at slots q - window < k <= q of the S slots. (..., K, S) out."""
+    behind = q_slots.unsqueeze(-1) - torch.arange(S, device=q_slots.device)  # (..., K, S): q - k
+    near = behind < window
+    return near & (behind >= 0) if mask is None else near & mask
+
+
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate pairs (i, i + d/2) of x (B, H, T, d) by position-dependent angles (RoFormer)."""
     cos, sin = (t.unsqueeze(1).to(x.dtype) for t in rope)
@@ -78,15 +87,24 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head (or grouped-query) causal attention through `scaled_dot_product_attention`."""
+    """Multi-head (or grouped-query) causal attention through `scaled_dot_product_attention`.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    `window`: sliding-window attention, a query sees only the latest `window` keys (itself
+    included). `qk_norms`: a norm for each query and each key head, applied before the rotation
+    (Gemma 3); without them, none. Scores are scaled by 1/√query_pre_attn_scalar (1/√d by default).
+    """
+
+    def __init__(self, cfg: ModelConfig, window: int | None = None,
+                 qk_norms: tuple[nn.Module, nn.Module] | None = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.query = nn.Linear(cfg.emb_dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.key = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.value = nn.Linear(cfg.emb_dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.emb_dim, bias=cfg.bias)
+        self.q_norm, self.k_norm = qk_norms or (nn.Identity(), nn.Identity())
+        self.window = window
+        self.scale = 1 / math.sqrt(cfg.query_pre_attn_scalar)
         self.drop_rate = cfg.drop_rate
         self.kv_cache: KVCache | None = None
 
@@ -94,12 +112,15 @@ class CausalSelfAttention(nn.Module):
                 cache_pos: int | None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C). With a cache, the keys and values of earlier calls join in."""
         T = x.shape[1]
-        q = self.split_heads(self.query(x), self.n_heads)  # (B, H, T, d)
+        q = self.q_norm(self.split_heads(self.query(x), self.n_heads))  # (B, H, T, d)
         if rope is not None:
             q = apply_rope(q, rope)
         k, v = self.keys_values(x, rope, cache_pos)  # (B, H_kv, S, d), S = cached prefix + T
         S = k.shape[2]
-        if mask is None and 1 < T < S:  # chunked prefill: causal, shifted by the cached prefix
+        if self.window is not None and S > self.window:  # sliding window (with S <= window it hides nothing)
+            q_slots = torch.arange(S - T, S, device=x.device)  # the queries' key slots
+            mask = within_window(mask, q_slots, S, self.window)  # (T, S), or (B, 1, T, S) with a mask
+        elif mask is None and 1 < T < S:  # chunked prefill: causal, shifted by the cached prefix
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S)
         return self.proj(self.attend(q, k, v, mask))  # (B, T, C)
 
@@ -109,7 +130,9 @@ class CausalSelfAttention(nn.Module):
         still cover every position, queries only the kept ones."""
         T = x.shape[1]
         mask = kept_mask(keep, T, cache_pos or 0, mask)  # (B, 1, K, S)
-        q = self.split_heads(self.query(take_positions(x, keep)), self.n_heads)  # (B, H, K, d)
+        if self.window is not None:
+            mask = within_window(mask, (cache_pos or 0) + keep.unsqueeze(1), mask.shape[-1], self.window)
+        q = self.q_norm(self.split_heads(self.query(take_positions(x, keep)), self.n_heads))  # (B, H, K, d)
         absorbable = self.absorbable(rope, cache_pos, keep.shape[1])
         if absorbable is not None:
             return self.proj(self.absorbed_attention(q, x, mask, *absorbable))  # (B, K, C)
@@ -126,7 +149,7 @@ class CausalSelfAttention(nn.Module):
     def keys_values(self, x: torch.Tensor, rope: Rope | None,
                     cache_pos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H_kv, S, d) of x (B, T, C), after the cached ones when caching."""
-        k = self.split_heads(self.key(x), self.n_kv_heads)  # (B, H_kv, T, d)
+        k = self.k_norm(self.split_heads(self.key(x), self.n_kv_heads))  # (B, H_kv, T, d)
         v = self.split_heads(self.value(x), self.n_kv_heads)  # (B, H_kv, T, d)
         if rope is not None:
             k = apply_rope(k, rope)
@@ -136,11 +159,11 @@ class CausalSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
-        """softmax(q kᵀ / √d) v for queries q (B, H, Tq, d), heads merged: (B, Tq, H·d).
+        """softmax(q kᵀ · scale) v for queries q (B, H, Tq, d), heads merged: (B, Tq, H·d).
         No mask: causal (a single query sees every key)."""
         B, H, Tq, d = q.shape
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and Tq > 1,
+            q, k, v, attn_mask=mask, is_causal=mask is None and Tq > 1, scale=self.scale,
             dropout_p=self.drop_rate if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, H, Tq, d)
@@ -149,9 +172,10 @@ class CausalSelfAttention(nn.Module):
     def absorbable(self, rope: Rope | None, cache_pos: int | None,
                    K: int) -> tuple[Projection, Projection] | None:
         """The key and value (W, b) when `absorbed_attention` is exact and cheaper, else None:
-        few queries (K·H below the model width), no rotary positions, no cache, no attention
-        dropout, and plain key and value projections (`plain_weight`)."""
-        if rope is not None or cache_pos is not None or (self.training and self.drop_rate > 0):
+        few queries (K·H below the model width), no rotary positions, no key norm, no cache, no
+        attention dropout, and plain key and value projections (`plain_weight`)."""
+        if rope is not None or not isinstance(self.k_norm, nn.Identity) or cache_pos is not None \
+                or (self.training and self.drop_rate > 0):
             return None
         key, value = plain_weight(self.key), plain_weight(self.value)
         if key is None or value is None or K * self.n_heads >= key[0].shape[1]:
@@ -179,7 +203,7 @@ class CausalSelfAttention(nn.Module):
         scores = torch.einsum("bhkc,btc->bhkt", q_x, x)  # (B, H, K, T)
         if b_k is not None:  # softmax ignores it; kept so b_k still gets its (zero) gradient
             scores = scores + torch.einsum("bhkd,hd->bhk", q, per_query_head(b_k)).unsqueeze(-1)
-        p = torch.softmax((scores / math.sqrt(d)).masked_fill(~mask, float("-inf")), dim=-1)  # (B, H, K, T)
+        p = torch.softmax((scores * self.scale).masked_fill(~mask, float("-inf")), dim=-1)  # (B, H, K, T)
         p_x = torch.einsum("bhkt,btc->bhkc", p, x)  # (B, H, K, C): sum_t p_t x_t
         y = torch.einsum("bhkc,hdc->bkhd", p_x, per_query_head(w_v))  # (B, K, H, d)
         if b_v is not None:
@@ -188,11 +212,17 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
-    def __init__(self, cfg: ModelConfig, norm1: nn.Module, norm2: nn.Module, mlp: nn.Module) -> None:
+    `post_norms` (Gemma's "sandwich" norms) also normalise the attention and the MLP output
+    before each is added: x + post_attn_norm(attn(norm1(x))), x + post_mlp_norm(mlp(norm2(x))).
+    """
+
+    def __init__(self, cfg: ModelConfig, attn: CausalSelfAttention, norm1: nn.Module, norm2: nn.Module,
+                 mlp: nn.Module, post_norms: tuple[nn.Module, nn.Module] | None = None) -> None:
         super().__init__()
-        self.norm1, self.attn, self.norm2, self.mlp = norm1, CausalSelfAttention(cfg), norm2, mlp
+        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
+        self.post_attn_norm, self.post_mlp_norm = post_norms or (nn.Identity(), nn.Identity())
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, rope: Rope | None, mask: torch.Tensor | None,
@@ -203,8 +233,8 @@ class Block(nn.Module):
         else:  # from here on only the kept positions: residual, MLP
             attended = self.attn.forward_kept(self.norm1(x), rope, mask, cache_pos, keep)  # (B, K, C)
             x = take_positions(x, keep)  # (B, K, C)
-        x = x + self.drop_shortcut(attended)
-        return x + self.drop_shortcut(self.mlp(self.norm2(x)))
+        x = x + self.drop_shortcut(self.post_attn_norm(attended))
+        return x + self.drop_shortcut(self.post_mlp_norm(self.mlp(self.norm2(x))))
 
 
 class DecoderLM(nn.Module):
@@ -213,7 +243,8 @@ class DecoderLM(nn.Module):
     Calling conventions shared by training, classification and generation:
     - ``positions`` (B, T) are the position ids of the tokens (left padding shifts them);
       default ``cache_pos + arange(T)``.
-    - ``mask`` is a boolean (B, 1, T, S) "may attend" mask, or None for plain causal attention.
+    - ``mask`` is a boolean (B, 1, T, S) "may attend" mask, or None for plain causal attention;
+      a sliding-window block narrows it further, by key slot (`within_window`).
     - ``cache_pos`` is the first key/value cache slot the tokens are written to; None: no cache.
     """
 
@@ -222,9 +253,7 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.blocks = nn.ModuleList(
-            Block(cfg, self.make_norm(), self.make_norm(), self.make_mlp()) for _ in range(cfg.n_layers)
-        )
+        self.blocks = nn.ModuleList(self.make_block(layer) for layer in range(cfg.n_layers))
         self.final_norm = self.make_norm()
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self.grad_checkpoint = False
@@ -239,6 +268,12 @@ class DecoderLM(nn.Module):
     def make_mlp(self) -> nn.Module:
         raise NotImplementedError
 
+    def make_block(self, layer: int) -> Block:
+        """Block number `layer`: the architecture's norms and MLP around attention, windowed
+        where the config says so (`ModelConfig.attention_window`)."""
+        attn = CausalSelfAttention(self.cfg, window=self.cfg.attention_window(layer))
+        return Block(self.cfg, attn, self.make_norm(), self.make_norm(), self.make_mlp())
+
     def position_embedding(self, positions: torch.Tensor) -> torch.Tensor | None:
         """Added to the token embeddings (learned absolute positions), or None."""
         return None
@@ -246,6 +281,10 @@ class DecoderLM(nn.Module):
     def rope(self, positions: torch.Tensor) -> Rope | None:
         """Rotary (cos, sin) for these positions, or None."""
         return None
+
+    def layer_ropes(self, positions: torch.Tensor) -> list[Rope | None]:
+        """The rotary (cos, sin) of each block, in block order: by default `rope` for all."""
+        return [self.rope(positions)] * self.cfg.n_layers
 
     def init_buffers(self) -> None:
         """Register the buffers computed from the config (never saved, never loaded), on the
@@ -293,9 +332,8 @@ class DecoderLM(nn.Module):
         (B, K, C) out: exact, since no later layer reads the other positions, and for the book's
         recipe (last block trainable, rest cached) it cuts the per-step work about fivefold.
         """
-        rope = self.rope(positions)
-        blocks = self.blocks[start:stop]
-        for i, block in enumerate(blocks):
+        blocks, ropes = self.blocks[start:stop], self.layer_ropes(positions)[start:stop]
+        for i, (block, rope) in enumerate(zip(blocks, ropes)):
             block_keep = keep if i == len(blocks) - 1 else None  # earlier blocks: every position
             if self.grad_checkpoint and self.training:
                 x = checkpoint(block, x, rope, mask, cache_pos, block_keep, use_reentrant=False)

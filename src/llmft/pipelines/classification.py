@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -16,17 +16,26 @@ from torch.utils.data import DataLoader
 from llmft.checkpoint import base_spec, load_finetuned, save_finetuned, weights_fingerprint
 from llmft.data.batching import make_loader
 from llmft.data.classification import (
-    ClassificationDataset, Splits, balance, class_counts, collate_classification, deduplicate, label_names,
-    longest, split, warn_about, write_split,
+    ClassificationDataset, Splits, balance, check_truncate, class_counts, collate_classification, deduplicate,
+    label_names, length_stats, longest, split, truncate, warn_about, write_split,
 )
 from llmft.data.sources import read_labelled_texts, resolve_data
+from llmft.data.tables import check_out, read_text_rows, write_rows
 from llmft.errors import LlmftError
+from llmft.evaluation.classification import (
+    DEFAULT_MAX_FPR, Scored, check_max_fpr, check_threshold, classification_report, decide, plot_report,
+)
 from llmft.pipelines.options import RunOptions, existing_paths
 from llmft.plots import plot_values
-from llmft.rundir import RunDir, RunMeta, create_run
+from llmft.progress import progress_bar
+from llmft.rundir import RunDir, RunMeta, atomic_write_json
 from llmft.tasks import expect_task
 from llmft.tokenizers import Tokenizer
 from llmft.training.activation_cache import cache_start, cached_loaders
+from llmft.training.distributed import (
+    TaskModule, World, all_reduce_sum, init_distributed, log_global_batch, shard_loaders, world,
+)
+from llmft.training.estimate import estimate_lines
 from llmft.training.freezing import apply_trainable, count_parameters
 from llmft.training.heads import SequenceClassifier, check_class_token
 from llmft.training.lora import apply_lora
@@ -35,6 +44,10 @@ from llmft.training.resources import peak_memory_mb
 from llmft.weights import Pretrained, load_pretrained
 
 log = logging.getLogger("llmft")
+
+# The default --max-length: the longest training text, at most this many tokens, which keeps a
+# CPU run practical on long texts (--max-length longest: the longest, capped at the context only).
+MAX_LENGTH_CAP = 512
 
 
 @dataclass(kw_only=True)
@@ -53,10 +66,15 @@ class ClassifyOptions(RunOptions):
     trainable: str = "last-block"  # with finetune="full"
     book_compat: bool = False  # the book's computation: pad all to max_length, token at -1, no cache
     activation_cache: bool = True  # reuse the frozen prefix's outputs when that is exact
+    truncate: str = "head"  # which end of a text longer than max_length is kept: head or tail
+    max_fpr: float = DEFAULT_MAX_FPR  # the final report's threshold: at most this false-positive rate
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_class_token(self.class_token)
+        check_truncate(self.truncate)
+        check_max_fpr(self.max_fpr)
+        self.split = tuple(self.split)  # a list from a recorded run.json
         train_frac, val_frac = self.split
         if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
             raise LlmftError(f"--train-frac {train_frac} and --val-frac {val_frac}: each must be between 0 "
@@ -91,46 +109,54 @@ class ClassificationTask:
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return nn.functional.cross_entropy(self.logits(model, batch), batch["labels"])
 
+    def loss_weight(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(batch["labels"].shape[0])
+
     def count_seen(self, batch: Batch) -> int:
         return batch["labels"].shape[0]
 
-    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, Any]:
-        train_acc = accuracy(model, self, self.train_batches, self.device, self.eval_iter)
-        val_acc = accuracy(model, self, self.val_batches, self.device, self.eval_iter)
+    def on_epoch_end(self, runner: nn.Module, epoch: int) -> dict[str, Any]:
+        train_acc = accuracy(runner, self, self.train_batches, self.device, self.eval_iter)
+        val_acc = accuracy(runner, self, self.val_batches, self.device, self.eval_iter)
         log.info("epoch %d: training accuracy %.2f%% | validation accuracy %.2f%%",
                  epoch + 1, train_acc * 100, val_acc * 100)
         return {"train_acc": train_acc, "val_acc": val_acc}
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: ClassificationTask, batches, device: torch.device,
+def evaluate(runner: nn.Module, task: ClassificationTask, batches, device: torch.device,
              num_batches: int | None = None, precision: str = "32") -> tuple[float, float]:
-    """(accuracy, mean batch loss) over the first `num_batches` batches (all when None), in one pass."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
+    """(accuracy, mean batch loss) over the first `num_batches` batches (all when None), in one
+    pass; `runner` is `TaskModule(model, task)` (maybe wrapped); several ranks' counts are summed."""
+    was_training = runner.training
+    runner.eval()
+    counts = torch.zeros(2, dtype=torch.float64)  # correct, total
     loss_sum, n_batches = 0.0, 0
     for i, batch in enumerate(batches):
         if num_batches is not None and i >= num_batches:
             break
         batch = to_device(batch, device)
         with autocast(device, precision):
-            logits = task.logits(model, batch)
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        total += batch["labels"].shape[0]
-        loss_sum += nn.functional.cross_entropy(logits.float(), batch["labels"]).item()
+            logits = runner(batch, "logits")
+        counts += torch.tensor([(logits.argmax(-1) == batch["labels"]).sum().item(), batch["labels"].shape[0]])
+        if world().size == 1:
+            loss_sum += nn.functional.cross_entropy(logits.float(), batch["labels"]).item()
+        else:  # a rank's rows may be none (the last batch): sum, then divide by all ranks' rows
+            loss = nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            loss_sum += (all_reduce_sum(loss) / all_reduce_sum(task.loss_weight(batch))).item()
         n_batches += 1
-    model.train(was_training)
+    runner.train(was_training)
+    correct, total = all_reduce_sum(counts).tolist()
     if not total:
         return float("nan"), float("nan")
     return correct / total, loss_sum / n_batches
 
 
-def accuracy(model: nn.Module, task: ClassificationTask, batches, device: torch.device,
+def accuracy(runner: nn.Module, task: ClassificationTask, batches, device: torch.device,
              num_batches: int | None = None) -> float:
     """Share of correct predictions over the first `num_batches` batches (the book's
     `calc_accuracy_loader`)."""
-    return evaluate(model, task, batches, device, num_batches)[0]
+    return evaluate(runner, task, batches, device, num_batches)[0]
 
 
 def load_splits(opts: ClassifyOptions) -> Splits:
@@ -156,14 +182,16 @@ def require_examples(splits: Splits, opts: ClassifyOptions) -> None:
                              f"{opts.data}); use more data or other --train-frac/--val-frac")
 
 
-def make_loaders(splits: Splits, tokenizer, labels: list[str], max_length: int, batch_size: int,
-                 seed: int, pad_to: int | None, group_by_length: bool = False) -> dict[str, DataLoader]:
+def make_loaders(splits: Splits | dict[str, list], tokenizer, labels: list[str], max_length: int, batch_size: int,
+                 seed: int, pad_to: int | None, group_by_length: bool = False,
+                 side: str = "head") -> dict[str, DataLoader]:
+    """A loader per split (`splits`, or named lists of examples), texts cut to their `side`."""
     def collate(batch):
         return collate_classification(batch, tokenizer.eos_id, pad_to)
 
     loaders = {}
     for name, examples in splits.items():
-        data = ClassificationDataset(examples, tokenizer, labels, max_length)
+        data = ClassificationDataset(examples, tokenizer, labels, max_length, side)
         loaders[name] = make_loader(data, [len(ids) for ids in data.token_ids], batch_size, collate, seed,
                                     train=name == "train", group_by_length=group_by_length)
     return loaders
@@ -187,43 +215,79 @@ def build_classifier(opts: ClassifyOptions, pretrained: Pretrained, labels: list
     return model, meta
 
 
+class Prepared(NamedTuple):
+    """A classifier ready to train: the model, its task, the loaders of this rank, and what the
+    run directory will record."""
+
+    model: SequenceClassifier
+    task: ClassificationTask
+    loaders: dict[str, Any]
+    splits: Splits
+    meta: RunMeta
+    pretrained: Pretrained
+    device: torch.device
+
+
+def prepare(opts: ClassifyOptions, w: World) -> Prepared:
+    """Data → model surgery → (cached) loaders, each rank's share of every global batch."""
+    seed_everything(opts.train.seed)
+    splits = load_splits(opts)
+    labels = label_names(splits)
+    require_examples(splits, opts)
+    for warning in warn_about(splits):
+        log.warning("warning: %s", warning)
+    pretrained = load_pretrained(opts.model, random_init=opts.random_init, overrides=opts.config_overrides)
+    tokenizer = pretrained.tokenizer
+    max_length = opts.max_length_within(pretrained.config.context_length, longest(splits.train, tokenizer),
+                                        MAX_LENGTH_CAP)
+    pad_to = max_length if opts.book_compat else None
+    loaders = make_loaders(splits, tokenizer, labels, max_length, opts.train.batch_size * w.size, opts.train.seed,
+                           pad_to=pad_to, group_by_length=opts.train.group_by_length, side=opts.truncate)
+    log.info("data: %s | labels %s | max length %d tokens (%s kept)",
+             ", ".join(f"{n} {len(e)} {class_counts(e)}" for n, e in splits.items()), labels, max_length,
+             opts.truncate)
+    log.info(length_stats([n for loader in loaders.values() for n in loader.dataset.full_lengths],
+                          max_length).describe())
+    log_global_batch(opts.train, w)
+    model, meta = build_classifier(opts, pretrained, labels)
+    meta.max_length, meta.truncate = max_length, opts.truncate
+    device = resolve_device(opts.train.device)
+    start = cache_start(model) if opts.activation_cache and not opts.book_compat else 0
+    for line in estimate_lines(model, ClassificationTask(loaders["train"], loaders["validation"], 0, device, start),
+                               {name: loader.dataset for name, loader in loaders.items()}, start, opts.train,
+                               pad_to, device):
+        log.info(line)
+    if start:
+        loaders = cached_loaders(model, loaders, opts.train.seed, device, start, opts.train.group_by_length)
+    loaders = shard_loaders(loaders, w)
+    task = ClassificationTask(loaders["train"], loaders["validation"], opts.train.eval_iter, device, start)
+    return Prepared(model, task, loaders, splits, meta, pretrained, device)
+
+
 def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
-    """The whole recipe: data → model surgery → training → final accuracies → run directory."""
-    with create_run(opts.out, opts.overwrite, opts.inputs(), resume=opts.resume) as run:
-        seed_everything(opts.train.seed)
-        splits = load_splits(opts)
-        labels = label_names(splits)
-        require_examples(splits, opts)
-        for warning in warn_about(splits):
-            log.warning("warning: %s", warning)
-        pretrained = load_pretrained(opts.model, random_init=opts.random_init, overrides=opts.config_overrides)
-        tokenizer = pretrained.tokenizer
-        max_length = opts.max_length_within(pretrained.config.context_length, longest(splits.train, tokenizer))
-        loaders = make_loaders(splits, tokenizer, labels, max_length, opts.train.batch_size, opts.train.seed,
-                               pad_to=max_length if opts.book_compat else None,
-                               group_by_length=opts.train.group_by_length)
-        log.info("data: %s | labels %s | max length %d tokens",
-                 ", ".join(f"{n} {len(e)} {class_counts(e)}" for n, e in splits.items()), labels, max_length)
-        model, meta = build_classifier(opts, pretrained, labels)
-        meta.max_length = max_length
-        device = resolve_device(opts.train.device)
-        start = cache_start(model) if opts.activation_cache and not opts.book_compat else 0
-        if start:
-            loaders = cached_loaders(model, loaders, opts.train.seed, device, start, opts.train.group_by_length)
-        task = ClassificationTask(loaders["train"], loaders["validation"], opts.train.eval_iter, device, start)
-        for name, examples in splits.items():
-            write_split(run.split(name, ".csv"), examples)
+    """The whole recipe: data → model surgery → training → final accuracies → run directory.
+    Under torchrun every rank trains its share; rank 0 writes the run."""
+    w = init_distributed(opts.train.device)
+    with opts.run_directory() as run:
+        model, task, loaders, splits, meta, pretrained, device = prepare(opts, w)
+        if w.is_main:
+            for name, examples in splits.items():
+                write_split(run.split(name, ".csv"), examples)
         began = time.perf_counter()
-        history = train(model, task, loaders["train"], loaders["validation"], opts.train, run.metrics(),
-                        checkpoints=opts.checkpoints(run))
+        history = train(model, task, loaders["train"], loaders["validation"], opts.train,
+                        run.metrics() if w.is_main else None, checkpoints=opts.checkpoints(run))
         results = final_metrics(model, task, loaders, device, opts.train.precision)
         trainable, total = count_parameters(model)
         results.update(train_seconds=round(time.perf_counter() - began, 2), peak_memory_mb=peak_memory_mb(device),
-                       trainable_parameters=trainable, total_parameters=total, max_length=max_length,
+                       trainable_parameters=trainable, total_parameters=total, max_length=meta.max_length,
                        source=pretrained.source)
-        run.write_results(results)
-        plot_history(history, run)
-        save_finetuned(run, model, tokenizer, meta)
+        if w.is_main:
+            results["report"], scored = metrics_report(model, task, loaders, meta.labels, device, "test split",
+                                                       max_fpr=opts.max_fpr, precision=opts.train.precision)
+            run.write_results(results)
+            plot_history(history, run)
+            plot_report(meta.labels, scored, "test split", run)
+            save_finetuned(run, model, pretrained.tokenizer, meta)
     return results
 
 
@@ -241,11 +305,12 @@ def surgery(model: SequenceClassifier, opts: ClassifyOptions) -> str:
     return opts.lora.describe(adapters) + " + the new head"
 
 
-def final_metrics(model, task: ClassificationTask, loaders: dict[str, DataLoader], device: torch.device,
+def final_metrics(model: nn.Module, task: ClassificationTask, loaders: dict[str, Any], device: torch.device,
                   precision: str = "32") -> dict[str, Any]:
     out: dict[str, Any] = {}
+    runner = TaskModule(model, task)
     for name, loader in loaders.items():
-        out[f"{name}_accuracy"], out[f"{name}_loss"] = evaluate(model, task, loader, device, None, precision)
+        out[f"{name}_accuracy"], out[f"{name}_loss"] = evaluate(runner, task, loader, device, None, precision)
     return out
 
 
@@ -264,41 +329,132 @@ def load_classifier(run_dir: Path | str, command: str) -> tuple[nn.Module, Token
     return model, tokenizer, meta
 
 
-def evaluate_run(run_dir: Path, batch_size: int = 8, device: str = "auto") -> dict[str, Any]:
-    """Accuracy and loss of a saved classifier on its own train/validation/test splits."""
+@torch.no_grad()
+def predicted_probabilities(runner: nn.Module, batches, device: torch.device, precision: str = "32") -> Scored:
+    """The true label and every label's probability of each example of `batches`, in order, for
+    the metrics report; `runner` as in `evaluate`, but only this process's batches (nothing is
+    reduced over ranks)."""
+    was_training = runner.training
+    runner.eval()
+    labels, probabilities = [], []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            logits = runner(batch, "logits")
+        labels.append(batch["labels"].cpu())
+        probabilities.append(torch.softmax(logits.float(), -1).cpu())
+    runner.train(was_training)
+    return torch.cat(labels).numpy(), torch.cat(probabilities).numpy()
+
+
+def metrics_report(model: nn.Module, task: ClassificationTask, loaders: dict[str, Any], labels: list[str],
+                   device: torch.device, title: str, evaluated: str = "test", max_fpr: float = DEFAULT_MAX_FPR,
+                   precision: str = "32") -> tuple[dict[str, Any], Scored]:
+    """The metrics report (`classification_report`, called `title`) of the whole `evaluated`
+    split, its threshold chosen on the validation split; and the evaluated scores, for plots."""
+    runner = TaskModule(model, task)
+    scored = {name: predicted_probabilities(runner, getattr(loaders[name], "loader", loaders[name]), device,
+                                            precision) for name in {evaluated, "validation"}}
+    return classification_report(title, labels, scored[evaluated], scored["validation"], max_fpr), scored[evaluated]
+
+
+def require_known_labels(examples: list[tuple[str, str]], labels: list[str], source: str) -> list[tuple[str, str]]:
+    unknown = sorted({label for _, label in examples} - set(labels))
+    if unknown:
+        raise LlmftError(f"{source}: label(s) {', '.join(map(repr, unknown))} are not among the run's classes "
+                         f"({', '.join(labels)})")
+    return examples
+
+
+def evaluate_run(run_dir: Path, batch_size: int = 8, device: str = "auto", data: str | None = None,
+                 text_column: str = "text", label_column: str = "label",
+                 max_fpr: float = DEFAULT_MAX_FPR) -> dict[str, Any]:
+    """Accuracy and loss of a saved classifier on its train/validation/test splits and the
+    metrics report of its test split; with `data`, the report of that labelled file instead. The
+    report (under "report") is also written with its plots into `RunDir.evaluation(data)`."""
+    check_max_fpr(max_fpr)
     model, tokenizer, meta = load_classifier(run_dir, "classify eval")
     run = RunDir(run_dir)
-    splits = Splits(*(read_labelled_texts(run.split(n, ".csv")) for n in ("train", "validation", "test")))
-    loaders = make_loaders(splits, tokenizer, meta.labels, meta.max_length, batch_size, 0, None)
+    named = {name: read_labelled_texts(run.split(name, ".csv"))
+             for name in (("validation",) if data else ("train", "validation", "test"))}
+    if data:
+        named["data"] = require_known_labels(read_labelled_texts(resolve_data(data), text_column, label_column),
+                                             meta.labels, data)
+    loaders = make_loaders(named, tokenizer, meta.labels, meta.max_length, batch_size, 0, None,
+                           side=meta.truncate)
     dev = resolve_device(device)
     model.to(dev)
-    return final_metrics(model, ClassificationTask(loaders["train"], loaders["validation"], 0, dev),
-                         loaders, dev)
+    task = ClassificationTask(loaders["validation"], loaders["validation"], 0, dev)
+    results = {} if data else final_metrics(model, task, loaders, dev)
+    title = str(data) if data else "test split"
+    results["report"], scored = metrics_report(model, task, loaders, meta.labels, dev, title,
+                                               "data" if data else "test", max_fpr)
+    folder = run.evaluation(data)
+    atomic_write_json(folder.file(RunDir.EVALUATION), results["report"])
+    plot_report(meta.labels, scored, title, folder)
+    return results
 
 
-def predict(run_dir: Path, texts: list[str], device: str = "auto", batch_size: int = 8) -> list[tuple[str, float]]:
-    """(label, probability) for each text, with the saved model."""
+def classify_texts(run_dir: Path, texts: list[str], device: str = "auto", batch_size: int = 8,
+                   threshold: float | None = None, show_progress: bool = False) -> tuple[list[str], list[list[float]]]:
+    """The run's labels and every label's probability for each text, `batch_size` texts of
+    similar length at a time, cut as the run was trained."""
     for number, text in enumerate(texts, 1):
         if not text.strip():
             raise LlmftError(f"text {number} is empty; nothing to classify")
     model, tokenizer, meta = load_classifier(run_dir, "classify predict")
+    check_threshold(threshold, meta.labels)
     model.to(resolve_device(device))
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)  # less padding
+    probabilities: list[list[float]] = [[] for _ in texts]
+    with progress_bar(total=len(texts), desc="predict", unit="text", disable=not show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            found = label_probabilities(model, tokenizer, [texts[i] for i in rows], meta.max_length, batch_size,
+                                        meta.truncate)
+            for i, probs in zip(rows, found):
+                probabilities[i] = probs
+            bar.update(len(rows))
+    return meta.labels, probabilities
+
+
+def predict(run_dir: Path, texts: list[str], device: str = "auto", batch_size: int = 8,
+            threshold: float | None = None) -> list[tuple[str, float]]:
+    """(label, probability) for each text, with the saved model; with a `threshold`, a two-class
+    run's positive label when its probability reaches it (`decide`)."""
+    labels, probabilities = classify_texts(run_dir, texts, device, batch_size, threshold)
     out = []
-    for probs in label_probabilities(model, tokenizer, texts, meta.max_length, batch_size):
-        best = max(range(len(probs)), key=probs.__getitem__)  # the first of equal ones, as argmax
-        out.append((meta.labels[best], probs[best]))
+    for probs in probabilities:
+        best = decide(probs, threshold)
+        out.append((labels[best], probs[best]))
     return out
+
+
+def predict_file(run_dir: Path, path: Path, out: Path, text_column: str = "text", threshold: float | None = None,
+                 device: str = "auto", batch_size: int = 8) -> int:
+    """Classify every row of `path` (CSV/TSV, JSON Lines, or plain text) into `out` (CSV or JSON
+    Lines): each row as it was, with `predicted_label` and a `prob_LABEL` per class; the number
+    of rows."""
+    check_out(out, path)
+    rows, texts = read_text_rows(path, text_column)
+    labels, probabilities = classify_texts(run_dir, texts, device, batch_size, threshold, show_progress=True)
+    for row, probs in zip(rows, probabilities):
+        row["predicted_label"] = labels[decide(probs, threshold)]
+        row.update({f"prob_{label}": p for label, p in zip(labels, probs)})
+    write_rows(out, rows)
+    return len(rows)
 
 
 @torch.no_grad()
 def label_probabilities(model: nn.Module, tokenizer: Tokenizer, texts: list[str], max_length: int,
-                        batch_size: int = 8) -> list[list[float]]:
+                        batch_size: int = 8, side: str = "head") -> list[list[float]]:
     """Every label's probability for each text (in the head's order, `RunMeta.labels`), from
-    `batch_size` texts at a time, each cut to its first `max_length` tokens, on the model's device."""
+    `batch_size` texts at a time, each cut to its first (`side` head) or last (tail)
+    `max_length` tokens, on the model's device."""
     device = next(model.parameters()).device
     out: list[list[float]] = []
     for start in range(0, len(texts), batch_size):
-        items = [(tokenizer.encode(t)[:max_length], 0) for t in texts[start:start + batch_size]]
+        items = [(truncate(tokenizer.encode(t), max_length, side), 0) for t in texts[start:start + batch_size]]
         batch = to_device(collate_classification(items, tokenizer.eos_id), device)
         out += torch.softmax(model(batch["input_ids"], batch["lengths"]), -1).tolist()
     return out

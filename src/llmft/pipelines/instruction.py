@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,20 +25,24 @@ from llmft.data.batching import make_loader
 from llmft.data.instruction import (
     InstructionDataset, InstructionSplits, collate_instruction, load_instruction_data, split_instruction_data,
 )
-from llmft.errors import LlmftError, one_line
+from llmft.errors import Interrupted, LlmftError, one_line
 from llmft.evaluation.metrics import score_responses
 from llmft.generation import decoding_session, generate, stream_text, text_increments
 from llmft.plots import plot_values
+from llmft.progress import progress_bar
 from llmft.prompts import PromptStyle, default_prompt_style, get_prompt_style
 from llmft.pipelines.options import RunOptions
-from llmft.rundir import RunDir, RunMeta, atomic_write_json, create_run, read_json
+from llmft.rundir import RunDir, RunMeta, atomic_write_json, read_json
 from llmft.tasks import expect_task
 from llmft.tokenizers import Tokenizer
+from llmft.training.distributed import (
+    TaskModule, World, init_distributed, inner_model, is_sharded, log_global_batch, shard_loaders,
+)
 from llmft.training.freezing import count_parameters
 from llmft.training.lora import apply_lora
 from llmft.training.loop import Batch, History, TrainConfig, evaluate_loss, resolve_device, seed_everything, train
 from llmft.training.resources import peak_memory_mb
-from llmft.weights import load_pretrained
+from llmft.weights import Pretrained, load_pretrained
 
 log = logging.getLogger("llmft")
 
@@ -59,6 +64,24 @@ class InstructOptions(RunOptions):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, eval_freq=5, eval_iter=5))
 
 
+def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, vocab_size: int,
+                          max_logits: int = 1 << 25) -> torch.Tensor:
+    """cross_entropy(head(hidden), targets), the mean over the rows of hidden (N, C), holding at
+    most `max_logits` logits at once: the rows go in chunks whose logits are recomputed in the
+    backward pass rather than kept. A batch's logits over Gemma's 262k-token vocabulary would be
+    gigabytes; a batch that fits in one chunk is computed as it is, without the recomputation."""
+    rows = max(1, max_logits // vocab_size)
+    if len(targets) <= rows:
+        return nn.functional.cross_entropy(head(hidden), targets)
+
+    def summed(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(head(h), t, reduction="sum")
+
+    sums = [torch.utils.checkpoint.checkpoint(summed, h, t, use_reentrant=False)
+            for h, t in zip(hidden.split(rows), targets.split(rows))]
+    return torch.stack(sums).sum() / len(targets)
+
+
 class InstructionTask:
     """Next-token cross-entropy (padding and masked prompt ignored); a sample after each epoch."""
 
@@ -70,16 +93,22 @@ class InstructionTask:
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The book's loss (mean over targets that are not -100), with the vocabulary
-        projection computed only where a target counts: padding and a masked prompt cost nothing."""
+        projection computed only where a target counts: padding and a masked prompt cost nothing.
+        Large projections go a chunk of rows at a time (`chunked_cross_entropy`)."""
         counted = batch["targets"] != -100
         hidden = model.hidden_states(batch["input_ids"])[counted]
-        return nn.functional.cross_entropy(model.out_head(hidden), batch["targets"][counted])
+        return chunked_cross_entropy(hidden, model.out_head, batch["targets"][counted], model.cfg.vocab_size)
+
+    def loss_weight(self, batch: Batch) -> torch.Tensor:
+        return (batch["targets"] != -100).sum()
 
     def count_seen(self, batch: Batch) -> int:
         return batch["input_ids"].numel()
 
-    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, Any]:
-        model.eval()
+    def on_epoch_end(self, runner: nn.Module, epoch: int) -> dict[str, Any]:
+        if is_sharded(runner):  # FSDP: no rank holds the whole model to generate with
+            return {"sample": ""}
+        model = inner_model(runner).eval()
         sample = answer(model, self.tokenizer, self.style, [self.sample_entry], max_new_tokens=self.sample_tokens)[0]
         tqdm.write(f"sample: {self.style.format(self.sample_entry)}{sample}".replace("\n", " "))
         return {"sample": sample}
@@ -97,7 +126,14 @@ def answer(model: nn.Module, tokenizer: Tokenizer, style: PromptStyle, entries: 
 def stream_answer(model: nn.Module, tokenizer: Tokenizer, style: PromptStyle, entry: dict,
                   **sampling: Any) -> Iterator[str]:
     """`answer` for one entry, in pieces as they are generated."""
-    pieces = stream_text(model, tokenizer, style.format(entry), stop_strings=style.stop_strings,
+    return stream_response(model, tokenizer, style, style.format(entry), **sampling)
+
+
+def stream_response(model: nn.Module, tokenizer: Tokenizer, style: PromptStyle, prompt: str | list[int],
+                    **sampling: Any) -> Iterator[str]:
+    """The response to a prompt already in `style` (text or token ids), in pieces as they are
+    generated: stopped and extracted as `answer` does."""
+    pieces = stream_text(model, tokenizer, prompt, stop_strings=style.stop_strings,
                          eos_id=style.stop_token_ids(tokenizer), **sampling)
     return response_pieces(style, pieces)
 
@@ -124,12 +160,13 @@ def resolve_style(name: str | None, tokenizer: Tokenizer) -> PromptStyle:
 
 
 def instruction_loader(data: list[dict], tokenizer: Tokenizer, style: PromptStyle, max_length: int,
-                       opts: InstructOptions, is_train: bool) -> DataLoader:
+                       opts: InstructOptions, is_train: bool, ranks: int = 1) -> DataLoader:
+    """Batches of `ranks` x `--batch-size` examples (each rank trains on its share)."""
     dataset = InstructionDataset(data, tokenizer, style, max_length)
     collate = functools.partial(collate_instruction, pad_token_id=tokenizer.eos_id,
                                 allowed_max_length=max_length, mask_prompt=opts.mask_prompt)
     lengths = [min(len(ids), max_length) for ids in dataset.encoded_texts]
-    return make_loader(dataset, lengths, opts.train.batch_size, collate, opts.train.seed, train=is_train,
+    return make_loader(dataset, lengths, opts.train.batch_size * ranks, collate, opts.train.seed, train=is_train,
                        group_by_length=opts.train.group_by_length)
 
 
@@ -141,43 +178,62 @@ def load_splits(opts: InstructOptions) -> InstructionSplits:
     return splits
 
 
+def prepare(opts: InstructOptions, w: World) -> tuple[Pretrained, PromptStyle, dict[str, Any], InstructionSplits,
+                                                      RunMeta]:
+    """The model (with LoRA if asked), its prompt style, this rank's loaders, the splits and
+    the run.json to write."""
+    seed_everything(opts.train.seed)
+    splits = load_splits(opts)
+    pretrained = load_pretrained(opts.model, random_init=opts.random_init, overrides=opts.config_overrides)
+    model, tokenizer, cfg = pretrained.model, pretrained.tokenizer, pretrained.config
+    max_length = opts.max_length_within(cfg.context_length, cfg.context_length)
+    style = resolve_style(opts.prompt_style, tokenizer)
+    loaders = shard_loaders({"train": instruction_loader(splits.train, tokenizer, style, max_length, opts, True, w.size),
+                             "validation": instruction_loader(splits.validation, tokenizer, style, max_length, opts,
+                                                              False, w.size)}, w)
+    log_global_batch(opts.train, w)
+    lora = opts.finetune == "lora"
+    fingerprint = weights_fingerprint(model) if lora and not opts.random_init else None
+    policy = opts.lora.describe(apply_lora(model, opts.lora)) if lora else "all"
+    trainable, total = count_parameters(model)
+    log.info("data: %d train, %d validation, %d test | prompt style %s | trainable parameters %s of %s (%s)",
+             len(splits.train), len(splits.validation), len(splits.test), style.name, f"{trainable:,}",
+             f"{total:,}", policy)
+    meta = RunMeta(task="instruction", model=base_spec(opts.model), model_config=cfg.to_dict(),
+                   max_length=max_length, random_init=opts.random_init, base_fingerprint=fingerprint,
+                   lora=opts.lora.to_dict() if lora else None, prompt_style=style.name, options=opts.record())
+    return pretrained, style, loaders, splits, meta
+
+
 def train_instructions(opts: InstructOptions) -> dict[str, Any]:
-    with create_run(opts.out, opts.overwrite, opts.inputs(), resume=opts.resume) as run:
-        seed_everything(opts.train.seed)
-        splits = load_splits(opts)
-        pretrained = load_pretrained(opts.model, random_init=opts.random_init, overrides=opts.config_overrides)
-        model, tokenizer, cfg = pretrained.model, pretrained.tokenizer, pretrained.config
-        max_length = opts.max_length_within(cfg.context_length, cfg.context_length)
-        style = resolve_style(opts.prompt_style, tokenizer)
-        train_loader = instruction_loader(splits.train, tokenizer, style, max_length, opts, True)
-        val_loader = instruction_loader(splits.validation, tokenizer, style, max_length, opts, False)
-        lora = opts.finetune == "lora"
-        fingerprint = weights_fingerprint(model) if lora and not opts.random_init else None
-        policy = opts.lora.describe(apply_lora(model, opts.lora)) if lora else "all"
-        trainable, total = count_parameters(model)
-        log.info("data: %d train, %d validation, %d test | prompt style %s | trainable parameters %s of %s (%s)",
-                 len(splits.train), len(splits.validation), len(splits.test), style.name, f"{trainable:,}",
-                 f"{total:,}", policy)
+    """Fine-tune on instructions into a run directory. Under torchrun every rank trains its
+    share; rank 0 writes the run."""
+    w = init_distributed(opts.train.device)
+    with opts.run_directory() as run:
+        pretrained, style, loaders, splits, meta = prepare(opts, w)
+        model, tokenizer = pretrained.model, pretrained.tokenizer
         task = InstructionTask(tokenizer, style, splits.validation[0], opts.sample_tokens)
         device = resolve_device(opts.train.device)
-        for name, data in splits._asdict().items():
-            atomic_write_json(run.split(name, ".json"), data)
-        loss_before = evaluate_loss(model, task, val_loader, None, device, opts.train.precision)
+        if w.is_main:
+            for name, data in splits._asdict().items():
+                atomic_write_json(run.split(name, ".json"), data)
+        model.to(device)
+        full_val_loss = functools.partial(evaluate_loss, TaskModule(model, task), task, loaders["validation"], None,
+                                          device, opts.train.precision)
+        loss_before = full_val_loss()
         began = time.perf_counter()
-        history = train(model, task, train_loader, val_loader, opts.train, run.metrics(),
-                        checkpoints=opts.checkpoints(run))
-        results = summarize(history, loss_before, evaluate_loss(model, task, val_loader, None, device,
-                                                                 opts.train.precision))
+        history = train(model, task, loaders["train"], loaders["validation"], opts.train,
+                        run.metrics() if w.is_main else None, checkpoints=opts.checkpoints(run))
+        results = summarize(history, loss_before, full_val_loss())
         results.update(train_seconds=round(time.perf_counter() - began, 2), peak_memory_mb=peak_memory_mb(device),
-                       trainable_parameters=trainable, source=pretrained.source)
-        run.write_results(results)
-        steps = history.steps
-        plot_values([s["epoch"] for s in steps], [s["tokens_seen"] for s in steps], [s["train_loss"] for s in steps],
-                    [s["val_loss"] for s in steps], "loss", run.plot("loss"), seen_label="Tokens seen")
-        meta = RunMeta(task="instruction", model=base_spec(opts.model), model_config=cfg.to_dict(),
-                       max_length=max_length, random_init=opts.random_init, base_fingerprint=fingerprint,
-                       lora=opts.lora.to_dict() if lora else None, prompt_style=style.name, options=opts.record())
-        save_finetuned(run, model, tokenizer, meta)
+                       trainable_parameters=count_parameters(model)[0], source=pretrained.source)
+        if w.is_main:
+            run.write_results(results)
+            steps = history.steps
+            plot_values([s["epoch"] for s in steps], [s["tokens_seen"] for s in steps],
+                        [s["train_loss"] for s in steps], [s["val_loss"] for s in steps], "loss", run.plot("loss"),
+                        seen_label="Tokens seen")
+            save_finetuned(run, model, tokenizer, meta)
     return results
 
 
@@ -242,8 +298,8 @@ def respond(source: str | Path, *, split: str | None = "test", data: str | None 
     model, tokenizer, style = load_chat_model(str(source), device, compile)
     todo = [i for i, e in enumerate(entries) if "model_response" not in e]
     todo.sort(key=lambda i: len(style.format(entries[i])))  # similar lengths share a batch
-    with tqdm(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar, \
-            decoding_session(model, prepack):  # the weights packed once for every batch
+    with progress_bar(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar, \
+            decoding_session(model, prepack), interrupted_keeps(out, entries):  # weights packed once
         for s in range(0, len(todo), batch_size):
             rows = todo[s:s + batch_size]
             for i, text in zip(rows, answer(model, tokenizer, style, [entries[i] for i in rows],
@@ -254,6 +310,17 @@ def respond(source: str | Path, *, split: str | None = "test", data: str | None 
     if not todo:
         atomic_write_json(out, entries)
     return out
+
+
+@contextmanager
+def interrupted_keeps(out: Path, entries: list[dict]) -> Iterator[None]:
+    """Ctrl-C while answering: say what is kept and how to go on (exit code 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = sum("model_response" in e for e in entries)
+        raise Interrupted(f"interrupted with {done} of {len(entries)} entries answered, saved in {out}; "
+                          "run the same command to continue") from None
 
 
 def entries_to_answer(run: RunDir, split: str | None, data: str | None) -> list[dict]:

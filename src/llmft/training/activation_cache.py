@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset
 
 from llmft.data.batching import make_loader
 from llmft.data.classification import ClassificationDataset
+from llmft.progress import progress_bar
+from llmft.training.distributed import broadcast, world
 from llmft.training.freezing import first_trainable_block
 from llmft.training.heads import SequenceClassifier
 
@@ -62,24 +64,41 @@ class ActivationStore:
             self.states = np.empty((rows, emb_dim), dtype=dtype)
         log.info("activation cache: blocks 0-%d over %d distinct texts of %d (%d tokens)",
                  start - 1, len(distinct), len(sequences), rows)
+        began = time.perf_counter()
         self._fill(model, distinct, device, max_tokens)
+        log.info("activation cache: filled in %.1f s", time.perf_counter() - began)
 
     @torch.no_grad()
     def _fill(self, model: SequenceClassifier, distinct: list[tuple[int, ...]], device: torch.device,
               max_tokens: int) -> None:
+        """Compute the states; with several ranks, each computes every N-th batch, then all
+        exchange them (each batch broadcast from the rank that computed it)."""
         backbone = model.backbone
         was_training = backbone.training
         backbone.eval()
-        batches = same_length_batches(distinct, max_tokens)
-        for rows in tqdm(batches, desc=f"cache blocks 0-{self.start - 1}", unit="batch", leave=False):
-            ids = torch.tensor(rows, device=device)
-            positions = backbone.default_positions(ids, None)
-            hidden = backbone.run_blocks(backbone.embed(ids, positions), positions, stop=self.start)
-            hidden = hidden.float().cpu().numpy()
-            for seq, states in zip(rows, hidden):
-                begin, end = self.spans[seq]
-                self.states[begin:end] = states
+        batches, w = same_length_batches(distinct, max_tokens), world()
+        mine = batches[w.rank::w.size]
+        with progress_bar(total=sum(len(rows) * len(rows[0]) for rows in mine), desc=f"cache blocks 0-{self.start - 1}",
+                          unit="tok", unit_scale=True, leave=False, disable=not w.is_main) as bar:
+            for rows in mine:  # progress in tokens: a batch's cost grows with its length
+                ids = torch.tensor(rows, device=device)
+                positions = backbone.default_positions(ids, None)
+                hidden = backbone.run_blocks(backbone.embed(ids, positions), positions, stop=self.start)
+                self._put(rows, hidden.float().cpu())
+                bar.update(ids.numel())
+        if w.size > 1:
+            for j, rows in enumerate(batches):
+                self._put(rows, broadcast(self._get(rows) if j % w.size == w.rank else
+                                          torch.empty(len(rows), len(rows[0]), self.states.shape[1]), j % w.size))
         backbone.train(was_training)
+
+    def _put(self, rows: list[tuple[int, ...]], hidden: torch.Tensor) -> None:
+        for seq, states in zip(rows, hidden.numpy()):
+            begin, end = self.spans[seq]
+            self.states[begin:end] = states
+
+    def _get(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.states[slice(*self.spans[seq])] for seq in rows]))
 
 
 def same_length_batches(sequences: list[tuple[int, ...]], max_tokens: int) -> list[list[tuple[int, ...]]]:

@@ -25,10 +25,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from llmft.data.batching import order_state, set_order_state
-from llmft.errors import LlmftError
+from llmft.errors import Interrupted, LlmftError
 from llmft.models.transformer import DecoderLM
+from llmft.progress import progress_bar
+from llmft.training.distributed import (
+    STRATEGIES, all_reduce_sum, distribute, gather_into, is_sharded, no_sync, rank_weight, world,
+)
 from llmft.training.resume import (
-    Checkpoints, Interrupted, Interrupts, LoopState, load_optimizer_state, optimizer_state, rng_state, set_rng_state,
+    Checkpoints, Interrupts, LoopState, load_optimizer_state, optimizer_state, rng_state, set_rng_state,
 )
 
 log = logging.getLogger("llmft")
@@ -56,6 +60,7 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar lengths (less padding), still shuffled
     compile: bool = False  # torch.compile the task's loss: model forward + loss in one graph
     grad_checkpoint: bool = False  # recompute block activations in backward to save memory
+    strategy: str = "auto"  # under torchrun: ddp (auto) or fsdp
     checkpoint_every: int | None = None  # checkpoint every N optimizer steps and at each epoch's end
     keep_checkpoints: int = 1  # how many checkpoints to keep
 
@@ -71,6 +76,8 @@ class TrainConfig:
             raise LlmftError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise LlmftError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.strategy not in STRATEGIES:
+            raise LlmftError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         resolve_device(self.device)  # an unusable device fails before any work
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,15 +85,21 @@ class TrainConfig:
 
 
 class Task(Protocol):
-    """What the loop needs to know about a task."""
+    """What the loop needs to know about a task. `on_epoch_end` gets the task's runner
+    (`llmft.training.distributed.TaskModule`, maybe wrapped): call it to evaluate."""
 
     seen_unit: str  # "examples" or "tokens": what the `seen` counter counts
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
 
+    def loss_weight(self, batch: Batch) -> torch.Tensor: ...  # what `loss` averages over (several ranks)
+
     def count_seen(self, batch: Batch) -> int: ...
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, Any]: ...
+
+    # Optional: eval_metrics(runner, batches, num_batches) -> {"loss": ..., other: ...}, measured on an
+    # evaluation's batches instead of the mean loss; the others become columns train_<other>, val_<other>.
 
 
 def seed_everything(seed: int) -> None:
@@ -133,13 +146,14 @@ def prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
             module.grad_checkpoint = cfg.grad_checkpoint
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                   sharded: bool = False) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LlmftError("nothing to train: every parameter is frozen")
     # Fused AdamW: one kernel over all parameters, faster than the multi-tensor default on
-    # CPU too (docs/benchmarks.md).
-    fused = device.type in ("cuda", "cpu")
+    # CPU too (docs/benchmarks.md); not over FSDP's sharded parameters.
+    fused = device.type in ("cuda", "cpu") and not sharded
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
@@ -154,21 +168,33 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def batch_loss(runner: nn.Module, task: Task, batch: Batch) -> torch.Tensor:
+    """The task's loss on this rank's rows; with several ranks, weighted by this rank's share
+    of what the loss averages over, so that averaging over ranks gives the whole batch's loss."""
+    loss = runner(batch)
+    w = world()
+    if w.size == 1:
+        return loss
+    count = task.loss_weight(batch)
+    return torch.where(count > 0, loss, 0.0) * rank_weight(count, w)  # a rank with no rows adds 0
+
+
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, task: Task, batches: Iterable[Batch], num_batches: int | None,
+def evaluate_loss(runner: nn.Module, task: Task, batches: Iterable[Batch], num_batches: int | None,
                   device: torch.device, precision: str = "32") -> float:
     """Mean batch loss over the first `num_batches` batches (all when None), as the book's
-    `calc_loss_loader`."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
+    `calc_loss_loader`; with several ranks, each batch's loss is reduced over them."""
+    was_training = runner.training
+    runner.eval()
+    total, n, ranks = 0.0, 0, world().size
     for i, batch in enumerate(batches):
         if num_batches is not None and i >= num_batches:
             break
         with autocast(device, precision):
-            total += task.loss(model, to_device(batch, device)).item()
+            loss = batch_loss(runner, task, to_device(batch, device))
+        total += (all_reduce_sum(loss.detach().float()) / ranks).item()
         n += 1
-    model.train(was_training)
+    runner.train(was_training)
     return total / n if n else float("nan")
 
 
@@ -190,14 +216,15 @@ class _Loop:
     """One fine-tuning run's state: the optimizer, the step and `seen` counters, the history,
     and what a checkpoint needs to continue it exactly."""
 
-    def __init__(self, model: nn.Module, task: Task, train_batches: DataLoader, val_batches: Iterable[Batch],
-                 cfg: TrainConfig, device: torch.device, metrics: MetricsSink | None,
+    def __init__(self, model: nn.Module, runner: nn.Module, task: Task, train_batches: DataLoader,
+                 val_batches: Iterable[Batch], cfg: TrainConfig, device: torch.device, metrics: MetricsSink | None,
                  checkpoints: Checkpoints | None) -> None:
-        self.model, self.task, self.cfg, self.device, self.metrics = model, task, cfg, device, metrics
+        self.model, self.runner, self.task, self.cfg, self.device = model, runner, task, cfg, device
+        self.metrics = metrics
         self.train_batches, self.val_batches, self.checkpoints = train_batches, val_batches, checkpoints
         # One graph for forward + loss: it fuses more than compiling block by block (docs/benchmarks.md).
-        self.loss_fn = torch.compile(task.loss) if cfg.compile else task.loss
-        self.optimizer = make_optimizer(model, cfg, device)
+        self.loss_fn = torch.compile(batch_loss) if cfg.compile else batch_loss
+        self.optimizer = make_optimizer(runner, cfg, device, sharded=is_sharded(runner))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "16-mixed")
         self.total_steps = math.ceil(len(train_batches) / cfg.grad_accum) * cfg.epochs
         self.history, self.seen, self.step = History(), 0, -1
@@ -211,15 +238,21 @@ class _Loop:
             self.metrics.write(table, row)
 
     def evaluate(self, epoch_float: float) -> dict[str, Any]:
-        cfg = self.cfg
+        train, val = self.split_metrics(self.train_batches), self.split_metrics(self.val_batches)
         row = {"step": self.step + 1, "epoch": round(epoch_float, 4), self.seen_key: self.seen,
-               "train_loss": evaluate_loss(self.model, self.task, self.train_batches, cfg.eval_iter, self.device,
-                                           cfg.precision),
-               "val_loss": evaluate_loss(self.model, self.task, self.val_batches, cfg.eval_iter, self.device,
-                                         cfg.precision),
+               "train_loss": train.pop("loss"), "val_loss": val.pop("loss"),
+               **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
                "lr": self.optimizer.param_groups[0]["lr"]}
         self.record("steps", row)
         return row
+
+    def split_metrics(self, batches: Iterable[Batch]) -> dict[str, float]:
+        """The loss on `eval_iter` batches; a task with `eval_metrics(runner, batches, n)` measures
+        it there itself, with whatever else it reports (preference tuning: reward margin, accuracy)."""
+        cfg = self.cfg
+        if hasattr(self.task, "eval_metrics"):
+            return dict(self.task.eval_metrics(self.runner, batches, cfg.eval_iter))
+        return {"loss": evaluate_loss(self.runner, self.task, batches, cfg.eval_iter, self.device, cfg.precision)}
 
     def optimizer_step(self) -> None:
         self.step += 1
@@ -227,7 +260,7 @@ class _Loop:
             group["lr"] = lr_at(self.step, self.total_steps, self.cfg)
         if self.cfg.max_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.runner.parameters(), self.cfg.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,8 +276,10 @@ class _Loop:
                          {"param_groups": groups, "scaler": self.scaler.state_dict(), **rng_extra})
 
     def save(self, epoch: int, batch: int) -> None:
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.checkpoints.save(trainable, self.state(epoch, batch))
+        """Rank 0 writes the checkpoint (every rank holds the same state)."""
+        if world().is_main:
+            trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            self.checkpoints.save(trainable, self.state(epoch, batch))
 
     def restore(self, trainable: dict[str, torch.Tensor], state: LoopState) -> None:
         params = dict(self.model.named_parameters())
@@ -264,12 +299,14 @@ class _Loop:
     def after_step(self, epoch: int, batch: int) -> None:
         """Checkpoint when due or asked to stop (position: `batch` batches into `epoch`); stop
         when asked."""
-        stop = self.interrupts.requested
+        stop = bool(all_reduce_sum(torch.tensor(int(self.interrupts.requested))))  # all ranks stop together
         last = epoch == self.cfg.epochs  # the run is complete: nothing left to resume
         if self.checkpoints is not None and not last and (stop or self.checkpoints.due(self.step, batch == 0)):
             self.save(epoch, batch)
         if stop:
-            raise Interrupted(self.step + 1, self.checkpoints is not None and not last)
+            saved = self.checkpoints is not None and not last
+            raise Interrupted(f"interrupted after step {self.step + 1}; " + (
+                "checkpoint saved: run the same command with --resume to continue" if saved else "nothing saved"))
 
     # -- the loop -------------------------------------------------------------------------
     def batches(self, skip: int, resumed: LoopState | None) -> Iterator[tuple[int, Batch]]:
@@ -294,23 +331,26 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in self.batches(skip, resumed):
             batch = to_device(batch, self.device)
-            with autocast(self.device, cfg.precision):
-                loss = self.loss_fn(self.model, batch)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
-            self.seen += self.task.count_seen(batch)
-            if (i + 1) % cfg.grad_accum and i + 1 != n:
+            accumulating = bool((i + 1) % cfg.grad_accum) and i + 1 != n
+            with no_sync(self.runner, accumulating):
+                with autocast(self.device, cfg.precision):
+                    loss = self.loss_fn(self.runner, self.task, batch)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            self.seen += int(all_reduce_sum(torch.tensor(self.task.count_seen(batch))))
+            if accumulating:
                 continue
             self.optimizer_step()
             bar.update(1)
             if self.step % cfg.eval_freq == 0:
                 row = self.evaluate(epoch + (i + 1) / n)
-                bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_loss=f"{row['val_loss']:.3f}")
+                bar.set_postfix(train_loss=f"{row['train_loss']:.3f}", val_loss=f"{row['val_loss']:.3f}",
+                                refresh=False)  # shown with the next step's update, not as one more line
                 bar.write(f"Ep {epoch + 1} (Step {self.step:06d}): train loss {row['train_loss']:.3f}, "
                           f"val loss {row['val_loss']:.3f}")
             if i + 1 < n:
                 self.after_step(epoch, i + 1)
-        self.record("epochs", {"epoch": epoch + 1, self.seen_key: self.seen, **self.task.on_epoch_end(self.model, epoch)})
-        self.model.train()
+        self.record("epochs", {"epoch": epoch + 1, self.seen_key: self.seen, **self.task.on_epoch_end(self.runner, epoch)})
+        self.runner.train()
         self.after_step(epoch + 1, 0)
 
     def run(self, show_progress: bool) -> History:
@@ -324,10 +364,10 @@ class _Loop:
         else:
             first = self.evaluate(0.0)
             log.info("before training: train loss %.3f, validation loss %.3f", first["train_loss"], first["val_loss"])
-        self.model.train()
+        self.runner.train()
         start = resumed.epoch if resumed else 0
-        with self.interrupts, tqdm(total=self.total_steps, initial=self.step + 1, desc="train", unit="step",
-                                   disable=not show_progress, dynamic_ncols=True) as bar:
+        with self.interrupts, progress_bar(total=self.total_steps, initial=self.step + 1, desc="train", unit="step",
+                                          disable=not show_progress or not world().is_main, dynamic_ncols=True) as bar:
             for epoch in range(start, self.cfg.epochs):
                 if resumed and epoch == start:
                     self.epoch(epoch, bar, resumed.batch, resumed)
@@ -341,8 +381,14 @@ def train(model: nn.Module, task: Task, train_batches: DataLoader, val_batches: 
           checkpoints: Checkpoints | None = None) -> History:
     """Fine-tune `model` in place. `train_batches` is re-iterated every epoch (a DataLoader);
     every loss evaluation and epoch row goes to `metrics` as it happens. With `checkpoints`,
-    the run is checkpointed as they say and continues from their newest one when resuming."""
+    the run is checkpointed as they say and continues from their newest one when resuming.
+    Under torchrun the model is wrapped with `cfg.strategy` (`llmft.training.distributed`)."""
     device = resolve_device(cfg.device)
     model.to(device)
     prepare_model(model, cfg)
-    return _Loop(model, task, train_batches, val_batches, cfg, device, metrics, checkpoints).run(show_progress)
+    runner = distribute(model, task, cfg.strategy, cfg.precision, device)
+    if is_sharded(runner) and checkpoints is not None and (checkpoints.every or checkpoints.resume):
+        raise LlmftError("--checkpoint-every and --resume do not work with --strategy fsdp yet; use ddp")
+    history = _Loop(model, runner, task, train_batches, val_batches, cfg, device, metrics, checkpoints).run(show_progress)
+    gather_into(model, runner)
+    return history

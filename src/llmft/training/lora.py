@@ -22,6 +22,8 @@ the book's choice).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -163,6 +165,26 @@ def apply_lora(model: DecoderLM, cfg: LoRAConfig) -> int:
         wrapped = LinearWithLoRA(getattr(owner, name), cfg.rank, cfg.alpha, cfg.dropout)
         setattr(owner, name, wrapped.train(owner.training))  # a model in eval mode stays so
     return sum(p.numel() for m in lora_layers(model).values() for p in m.lora.parameters())
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` as its base while inside: each `LinearWithLoRA` is swapped for the `Linear` it
+    wraps, so the output is the base model's exactly (preference tuning's reference with fresh
+    adapters); the adapters are back on leaving."""
+    wrapped = lora_layers(model)
+
+    def put(path: str, module: nn.Module) -> None:
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, module)
+
+    try:
+        for path, layer in wrapped.items():
+            put(path, layer.linear)
+        yield model
+    finally:
+        for path, layer in wrapped.items():
+            put(path, layer)
 
 
 @torch.no_grad()

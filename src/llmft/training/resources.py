@@ -1,4 +1,4 @@
-"""Peak memory, measured the same way in training runs and benchmarks."""
+"""Peak memory, measured the same way in training runs and benchmarks; the CPU threads torch uses."""
 
 from __future__ import annotations
 
@@ -6,6 +6,17 @@ import resource
 import sys
 
 import torch
+
+from llmft.errors import LlmftError
+
+
+def set_threads(threads: int | None) -> None:
+    """Let torch's CPU ops use `threads` threads (None: torch's own default, one per core)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise LlmftError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -25,6 +25,7 @@ import random
 import shutil
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ class Checkpoints:
         return self.every is not None and (epoch_end or (step + 1) % self.every == 0)
 
     def save(self, trainable: dict[str, torch.Tensor], state: LoopState) -> Path:
+        began = time.perf_counter()
         final = self.folder / f"step-{state.step + 1:06d}"
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,7 +108,7 @@ class Checkpoints:
         tmp.rename(final)
         _fsync_dir(self.folder)
         self._prune()
-        log.info("checkpoint at step %d saved (%s)", state.step + 1, final)
+        log.info("checkpoint at step %d saved in %.2f s (%s)", state.step + 1, time.perf_counter() - began, final)
         return final
 
     def _prune(self) -> None:
@@ -164,22 +166,12 @@ def check_same_options(saved: dict[str, Any], current: dict[str, Any], where: Pa
     """A resumed run computes what the interrupted one did: every option that defines the
     computation must be the same (a one-line error names each that differs)."""
     old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
-    differ = [k for k in sorted(old.keys() | new.keys())
-              if k.split(".")[-1] not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    # An option the checkpoint does not record did not exist when it was made: its default holds.
+    differ = [k for k in sorted(old) if k.split(".")[-1] not in RESUMABLE_CHANGES and old[k] != new.get(k)]
     if differ:
         changes = ", ".join(f"--{k.split('.')[-1].replace('_', '-')} {old.get(k)!r} -> {new.get(k)!r}" for k in differ)
         raise LlmftError(f"--resume: the checkpoint in {where.parent} was made with other options ({changes}); "
                          "resume with the same ones, or start a new run")
-
-
-class Interrupted(LlmftError):
-    """The run stopped at a user's request, after an optimizer step."""
-
-    exit_code = 130
-
-    def __init__(self, step: int, saved: bool) -> None:
-        how = "checkpoint saved: run the same command with --resume to continue" if saved else "nothing saved"
-        super().__init__(f"interrupted after step {step}; {how}")
 
 
 class Interrupts:

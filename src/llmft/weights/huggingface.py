@@ -82,22 +82,38 @@ GPT2_LAYOUT = Layout("transformer.", (
     OUT_HEAD,
 ), ignored=re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)"))
 
-LLAMA_LAYOUT = Layout("model.", (
+# Llama's embedding, input norm, projections and final norm; Gemma 3 names them the same.
+LLAMA_SHARED = (
     Rule(("tok_emb",), "embed_tokens"),
     Rule(("blocks.{i}.norm1",), "layers.{i}.input_layernorm"),
     Rule(("blocks.{i}.attn.query",), "layers.{i}.self_attn.q_proj"),
     Rule(("blocks.{i}.attn.key",), "layers.{i}.self_attn.k_proj"),
     Rule(("blocks.{i}.attn.value",), "layers.{i}.self_attn.v_proj"),
     Rule(("blocks.{i}.attn.proj",), "layers.{i}.self_attn.o_proj"),
-    Rule(("blocks.{i}.norm2",), "layers.{i}.post_attention_layernorm"),
     Rule(("blocks.{i}.mlp.gate",), "layers.{i}.mlp.gate_proj"),
     Rule(("blocks.{i}.mlp.up",), "layers.{i}.mlp.up_proj"),
     Rule(("blocks.{i}.mlp.down",), "layers.{i}.mlp.down_proj"),
     Rule(("final_norm",), "norm"),
     OUT_HEAD,
-), ignored=re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"))
+)
+ROTARY_BUFFERS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
-LAYOUTS: dict[str, Layout] = {"gpt2": GPT2_LAYOUT, "llama": LLAMA_LAYOUT}
+LLAMA_LAYOUT = Layout("model.", (
+    *LLAMA_SHARED,
+    Rule(("blocks.{i}.norm2",), "layers.{i}.post_attention_layernorm"),
+), ignored=ROTARY_BUFFERS)
+
+GEMMA3_LAYOUT = Layout("model.", (
+    *LLAMA_SHARED,
+    Rule(("blocks.{i}.attn.q_norm",), "layers.{i}.self_attn.q_norm"),
+    Rule(("blocks.{i}.attn.k_norm",), "layers.{i}.self_attn.k_norm"),
+    # Llama's name for the norm before the MLP is, in Gemma, the one after attention.
+    Rule(("blocks.{i}.post_attn_norm",), "layers.{i}.post_attention_layernorm"),
+    Rule(("blocks.{i}.norm2",), "layers.{i}.pre_feedforward_layernorm"),
+    Rule(("blocks.{i}.post_mlp_norm",), "layers.{i}.post_feedforward_layernorm"),
+), ignored=ROTARY_BUFFERS)
+
+LAYOUTS: dict[str, Layout] = {"gpt2": GPT2_LAYOUT, "llama": LLAMA_LAYOUT, "gemma3": GEMMA3_LAYOUT}
 SUFFIXES = ("weight", "bias")
 
 
@@ -209,8 +225,58 @@ def _llama_config(f: _Fields, name: str) -> ModelConfig:
     )
 
 
+def _gemma3_rope(f: _Fields) -> tuple[float, float]:
+    """The RoPE bases of the global and the local layers, from the classic rope_theta and
+    rope_local_base_freq or transformers 5's `rope_parameters` per layer type; no scaling
+    (Gemma 3 4B and larger scale the global layers' positions)."""
+    params = f.get("rope_parameters", {})
+    full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    for key, rope in (("rope_scaling", f.get("rope_scaling", {})), ("rope_parameters", full),
+                      ("rope_parameters", local)):
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise f.fail(key, "is not supported; expected no RoPE scaling")
+    return (f.get("rope_theta", full.get("rope_theta", 1000000.0)),
+            f.get("rope_local_base_freq", local.get("rope_theta", 10000.0)))
+
+
+def _layer_types(cfg: ModelConfig) -> list[str]:
+    """Gemma 3's `layer_types`: which blocks attend within the sliding window."""
+    return ["full_attention" if cfg.attention_window(i) is None else "sliding_attention"
+            for i in range(cfg.n_layers)]
+
+
+def _gemma3_config(f: _Fields, name: str) -> ModelConfig:
+    """Gemma 3's text decoder (`gemma3_text`: the 270M and 1B checkpoints), HF's defaults included."""
+    f.expect("hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",))
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        f.expect(key, None, (None,))
+    f.expect("attention_bias", False, (False,))
+    f.expect("use_bidirectional_attention", False, (False,))
+    types = f.get("layer_types", None)
+    if types is None:  # older configs: the pattern alone
+        pattern = f.get("sliding_window_pattern", 6)
+    else:  # every n-th layer global (checked below)
+        pattern = types.index("full_attention") + 1 if "full_attention" in types else 0
+    n_heads = f.need("num_attention_heads")
+    theta, local_theta = _gemma3_rope(f)
+    cfg = ModelConfig(
+        name=name, architecture="gemma3", vocab_size=f.need("vocab_size"),
+        context_length=f.need("max_position_embeddings"), emb_dim=f.need("hidden_size"),
+        n_layers=f.need("num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=f.get("num_key_value_heads", n_heads), hidden_dim=f.need("intermediate_size"),
+        head_dim=f.get("head_dim", 256), query_pre_attn_scalar=f.get("query_pre_attn_scalar", 256),
+        norm_eps=f.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_local_theta=local_theta,
+        sliding_window=f.get("sliding_window", 4096), sliding_window_pattern=pattern,
+        tie_embeddings=f.get("tie_word_embeddings", True),
+    )
+    if types is not None and list(types) != _layer_types(cfg):
+        raise f.fail("layer_types", "is not supported; expected every n-th layer full_attention "
+                     "and the others sliding_attention")
+    return cfg
+
+
 CONFIG_READERS = {"gpt2": _gpt2_config, "llama": _llama_config, "mistral": _llama_config,
-                  "qwen2": _llama_config}
+                  "qwen2": _llama_config, "gemma3_text": _gemma3_config}
 
 
 def config_from_hf(hf_config: dict[str, Any], name: str, *, source: str = CONFIG) -> ModelConfig:
@@ -223,31 +289,47 @@ def config_from_hf(hf_config: dict[str, Any], name: str, *, source: str = CONFIG
     return reader(_Fields(hf_config, source), name)
 
 
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The HF `config.json` that makes `transformers` build the same network as `cfg`."""
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
-              "torch_dtype": str(dtype).removeprefix("torch.")}
-    if cfg.architecture == "gpt2":
-        if not (cfg.qkv_bias and cfg.bias) or cfg.head_dim * cfg.n_heads != cfg.emb_dim:
-            raise LlmftError(f"model {cfg.name!r}: HF GPT-2 needs biases everywhere and "
-                             "head_dim * n_heads == emb_dim")
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
-                "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
-                "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
-                "n_inner": cfg.hidden_dim, "activation_function": "gelu_new",
-                "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.drop_rate,
-                "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate}
-    _layout(cfg)
+def _gpt2_hf(cfg: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
+    if not (cfg.qkv_bias and cfg.bias) or cfg.head_dim * cfg.n_heads != cfg.emb_dim:
+        raise LlmftError(f"model {cfg.name!r}: HF GPT-2 needs biases everywhere and "
+                         "head_dim * n_heads == emb_dim")
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common,
+            "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
+            "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+            "n_inner": cfg.hidden_dim, "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.drop_rate,
+            "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate}
+
+
+def _rotary_decoder_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields Llama's and Gemma's config.json name alike."""
+    return {"hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_dropout": cfg.drop_rate}
+
+
+def _gemma3_hf(cfg: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
+    if cfg.qkv_bias or cfg.bias:
+        raise LlmftError(f"model {cfg.name!r}: HF Gemma 3 has no biases")
+    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **common,
+            **_rotary_decoder_hf(cfg), "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "sliding_window": cfg.sliding_window or None,
+            "layer_types": _layer_types(cfg), "rope_local_base_freq": cfg.rope_local_theta or cfg.rope_theta,
+            "attention_bias": False, "final_logit_softcapping": None, "attn_logit_softcapping": None}
+
+
+def _llama_hf(cfg: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
     if cfg.bias and not cfg.qkv_bias:
         raise LlmftError(f"model {cfg.name!r}: bias=True without qkv_bias has no HF equivalent")
+    if cfg.sliding_window or cfg.query_pre_attn_scalar != cfg.head_dim:
+        raise LlmftError(f"model {cfg.name!r}: HF Llama has no sliding window and scales attention "
+                         "by 1/sqrt(head_dim)")
     qwen2 = cfg.qkv_bias and not cfg.bias
     hf = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-          "model_type": "qwen2" if qwen2 else "llama", **common,
-          "hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim,
-          "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-          "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-          "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
-          "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_dropout": cfg.drop_rate}
+          "model_type": "qwen2" if qwen2 else "llama", **common, **_rotary_decoder_hf(cfg),
+          "hidden_act": "silu"}
     if qwen2:
         hf["use_sliding_window"] = False
     else:
@@ -258,6 +340,17 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[s
                               "high_freq_factor": s.high_freq_factor,
                               "original_max_position_embeddings": s.original_context_length}
     return hf
+
+
+CONFIG_WRITERS = {"gpt2": _gpt2_hf, "llama": _llama_hf, "gemma3": _gemma3_hf}
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The HF `config.json` that makes `transformers` build the same network as `cfg`."""
+    _layout(cfg)  # an architecture without a layout fails here
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
+              "torch_dtype": str(dtype).removeprefix("torch.")}
+    return CONFIG_WRITERS[cfg.architecture](cfg, common)
 
 
 # -- tensors ---------------------------------------------------------------------------------

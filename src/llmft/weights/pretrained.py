@@ -87,9 +87,9 @@ def _random_tokenizer(cfg: ModelConfig) -> Tokenizer:
     for other in MODEL_CONFIGS.values():
         if other.vocab_size == cfg.vocab_size and (path := _packaged_gguf(other.gguf_package)):
             return gguf.load_gguf_tokenizer(path)
+    packaged = ", ".join(f"{c.name}'s {c.vocab_size}" for c in MODEL_CONFIGS.values() if c.gguf_package)
     raise LlmftError(f"{cfg.name}: random_init needs a tokenizer with {cfg.vocab_size} tokens, "
-                     "and no offline one matches (only the packaged SmolLM2 tokenizer, 49152, "
-                     "is available without the hub)")
+                     f"and no offline one matches (without the hub: {packaged})")
 
 
 def _offline_alternatives() -> str:

@@ -1,0 +1,122 @@
+"""torchrun with 2 gloo processes on CPU: DDP and FSDP2 train what one process trains.
+
+2 processes x batch 4 see the rows of the same global batches of 8 that 1 process x batch 8
+sees, and each rank's loss is weighted by its share of the examples (or tokens), so the
+averaged gradient is the one-process gradient up to float rounding (another summation order).
+Rounding differences of ~1e-7 stay ~1e-7 in the losses and weights, except where Adam divides
+a gradient that is zero in exact arithmetic (an attention key bias: softmax ignores it) by its
+own rounding noise: such a parameter moves by up to `lr` per step in any direction, so it is
+compared with atol = steps x lr.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+
+from tests.helpers import ROOT, write_slices
+
+TINY = {"n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 128}
+LR = 1e-3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = write_slices(tmp_path_factory.mktemp("data"), 400, 50)
+    return root
+
+
+def spec(task: str, data, out, batch_size: int, **train) -> dict:
+    common = dict(model="gpt2-small", out=str(out), random_init=True, config_overrides=TINY)
+    cfg = dict(epochs=1, batch_size=batch_size, eval_freq=2, eval_iter=2, lr=LR, device="cpu", **train)
+    if task == "classification":
+        return dict(task=task, data=str(data / "spam.tsv"), max_length=32, train=cfg, **common)
+    return dict(task=task, data=str(data / "sft.json"), max_length=64, train=cfg, **common)
+
+
+def launch(run_spec: dict, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *extra,
+           str(ROOT / "tests" / "dist_worker.py"), json.dumps(run_spec)]
+    if not extra:
+        cmd[3:3] = ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def losses(run) -> list[float]:
+    """Train and validation loss of every evaluation, in order."""
+    with open(run / "metrics.csv") as f:
+        return [float(r[k]) for r in csv.DictReader(f) for k in ("train_loss", "val_loss")]
+
+
+def assert_same_training(one, two, steps: int) -> None:
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) > 2
+    assert a == pytest.approx(b, abs=1e-5)
+    wa, wb = (safetensors.torch.load_file(str(r / "model.safetensors")) for r in (one, two))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        atol = steps * LR if name.endswith("attn.key.bias") else 1e-5
+        assert (wa[name] - wb[name]).abs().max().item() <= atol, name
+
+
+@pytest.mark.parametrize("task, strategy, train", [
+    ("classification", "ddp", {}),
+    ("instruction", "ddp", {"grad_accum": 2}),
+    ("instruction", "fsdp", {"grad_accum": 2}),
+    ("classification", "fsdp", {}),
+])
+def test_two_processes_train_what_one_does(task, strategy, train, data, tmp_path):
+    from tests.dist_worker import PIPELINES
+    from llmft.training.loop import TrainConfig
+
+    one = spec(task, data, tmp_path / "one", 8, **train)
+    options, pipeline = PIPELINES[one.pop("task")]
+    results = pipeline(options(**{**one, "train": TrainConfig(**one["train"])}))
+    launch(spec(task, data, tmp_path / "two", 4, strategy=strategy, **train))
+    steps = len(losses(tmp_path / "one"))  # evaluations every 2 steps, two losses each
+    assert_same_training(tmp_path / "one", tmp_path / "two", steps)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    for key in ("train_accuracy", "validation_accuracy", "test_accuracy", "full_val_loss_after"):
+        if key in results:
+            assert two[key] == pytest.approx(results[key], abs=1e-5), key
+    assert not list(tmp_path.glob(".two.*"))
+
+
+def test_two_nodes_rendezvous_on_loopback(data, tmp_path):
+    """Two torchrun invocations, one process each, meeting through the c10d rendezvous."""
+    port = free_port()
+    run_spec = json.dumps(spec("classification", data, tmp_path / "run", 4))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=llmft-test"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([*cmd, f"--node-rank={rank}", str(ROOT / "tests" / "dist_worker.py"), run_spec],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_fsdp_refuses_checkpoints_for_now(data, tmp_path):
+    run_spec = spec("instruction", data, tmp_path / "run", 4, strategy="fsdp", checkpoint_every=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(ROOT / "tests" / "dist_worker.py"), json.dumps(run_spec)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "do not work with --strategy fsdp yet" in done.stderr
