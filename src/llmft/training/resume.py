@@ -112,17 +112,15 @@ class Checkpoints:
         return final
 
     def _prune(self) -> None:
-        for old in self.complete(verify=False)[:-self.keep]:
+        for old in self.complete()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def complete(self, verify: bool = True) -> list[Path]:
-        """Complete checkpoints, oldest first; `verify`: also check every file's size and hash
-        (a torn one is left out)."""
+    def complete(self) -> list[Path]:
+        """Checkpoints whose writing finished (renamed, state.json in place), oldest first."""
         if not self.folder.is_dir():
             return []
-        found = [p for p in sorted(self.folder.glob("step-*"))
-                 if not p.name.endswith(".tmp") and (p / "state.json").is_file()]
-        return [p for p in found if self._intact(p)] if verify else found
+        return [p for p in sorted(self.folder.glob("step-*"))
+                if not p.name.endswith(".tmp") and (p / "state.json").is_file()]
 
     @staticmethod
     def _intact(path: Path) -> bool:
@@ -135,11 +133,11 @@ class Checkpoints:
             return False
 
     def load_latest(self) -> tuple[dict[str, torch.Tensor], LoopState] | None:
-        """The newest complete checkpoint's trainable weights and loop state, if any."""
-        found = self.complete()
-        if not found:
+        """The newest intact checkpoint's trainable weights and loop state, if any (only the
+        checkpoints newer than it are hashed: a torn one is skipped for the one before)."""
+        path = next((p for p in reversed(self.complete()) if self._intact(p)), None)
+        if path is None:
             return None
-        path = found[-1]
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         check_same_options(state["options"], self.options, path)
         try:
