@@ -231,6 +231,11 @@ class _Loop:
         self.seen_key = f"{task.seen_unit}_seen"
         self.epoch_order = order_state(train_batches)  # the data order's RNG when the epoch began
         self.interrupts = Interrupts()
+        self.ranks = world().size
+
+    def across_ranks(self, count: int) -> int:
+        """The sum of a count over the ranks (no collective, nothing allocated, on one process)."""
+        return count if self.ranks == 1 else int(all_reduce_sum(torch.tensor(count)))
 
     def record(self, table: str, row: dict[str, Any]) -> None:
         (self.history.steps if table == "steps" else self.history.epochs).append(row)
@@ -299,7 +304,7 @@ class _Loop:
     def after_step(self, epoch: int, batch: int) -> None:
         """Checkpoint when due or asked to stop (position: `batch` batches into `epoch`); stop
         when asked."""
-        stop = bool(all_reduce_sum(torch.tensor(int(self.interrupts.requested))))  # all ranks stop together
+        stop = bool(self.across_ranks(int(self.interrupts.requested)))  # all ranks stop together
         last = epoch == self.cfg.epochs  # the run is complete: nothing left to resume
         if self.checkpoints is not None and not last and (stop or self.checkpoints.due(self.step, batch == 0)):
             self.save(epoch, batch)
@@ -336,7 +341,7 @@ class _Loop:
                 with autocast(self.device, cfg.precision):
                     loss = self.loss_fn(self.runner, self.task, batch)
                 self.scaler.scale(loss / cfg.grad_accum).backward()
-            self.seen += int(all_reduce_sum(torch.tensor(self.task.count_seen(batch))))
+            self.seen += self.across_ranks(self.task.count_seen(batch))
             if accumulating:
                 continue
             self.optimizer_step()
