@@ -41,20 +41,21 @@ def data(tmp_path_factory):
 
 def spec(task: str, data, out, batch_size: int, **train) -> dict:
     common = dict(model="gpt2-small", out=str(out), random_init=True, config_overrides=TINY)
-    cfg = dict(epochs=1, batch_size=batch_size, eval_freq=2, eval_iter=2, lr=LR, device="cpu", **train)
+    cfg = dict(epochs=1, batch_size=batch_size, eval_freq=2, eval_iter=2, lr=LR, device="cpu")
+    cfg.update(train)
     if task == "classification":
         return dict(task=task, data=str(data / "spam.tsv"), max_length=32, train=cfg, **common)
     return dict(task=task, data=str(data / "sft.json"), max_length=64, train=cfg, **common)
 
 
-def launch(run_spec: dict, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def launch(run_spec: dict, nproc: int = 2, extra: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *extra,
            str(ROOT / "tests" / "dist_worker.py"), json.dumps(run_spec)]
     if not extra:
         cmd[3:3] = ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 or not check, done.stderr[-3000:]
     return done
 
 
@@ -113,10 +114,42 @@ def test_two_nodes_rendezvous_on_loopback(data, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def test_fsdp_refuses_checkpoints_for_now(data, tmp_path):
-    run_spec = spec("instruction", data, tmp_path / "run", 4, strategy="fsdp", checkpoint_every=2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(ROOT / "tests" / "dist_worker.py"), json.dumps(run_spec)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    assert done.returncode != 0 and "do not work with --strategy fsdp yet" in done.stderr
+def test_an_fsdp_checkpoint_at_two_processes_resumes_on_one(data, tmp_path):
+    """FSDP at world size 2 checkpoints through torch.distributed.checkpoint (a shard file per
+    rank) and is stopped after step 5, inside its second epoch; one process resumes it with the same global batch and
+    ends where an uninterrupted one-process run ends."""
+    from tests.dist_worker import PIPELINES
+    from llmft.training.loop import TrainConfig
+
+    train = {"grad_accum": 2, "checkpoint_every": 2, "epochs": 3}  # 3 steps an epoch
+    one = spec("instruction", data, tmp_path / "one", 8, **train)
+    options, pipeline = PIPELINES[one.pop("task")]
+    pipeline(options(**{**one, "train": TrainConfig(**one["train"])}))
+    two = spec("instruction", data, tmp_path / "run", 4, strategy="fsdp", **train)
+    done = launch({**two, "stop_after": 5}, check=False)
+    assert done.returncode != 0 and "checkpoint saved" in done.stderr, done.stderr[-3000:]
+    [saved] = (tmp_path / ".run.staging" / "checkpoints").glob("step-*")
+    assert saved.name == "step-000005" and len(list((saved / "shards").glob("*.safetensors"))) == 2
+    resumed = spec("instruction", data, tmp_path / "run", 8, **train)
+    options, pipeline = PIPELINES[resumed.pop("task")]
+    pipeline(options(**{**resumed, "resume": True, "train": TrainConfig(**resumed["train"])}))
+    assert_same_training(tmp_path / "one", tmp_path / "run", len(losses(tmp_path / "one")))
+
+
+def test_respond_splits_the_entries_across_ranks_into_one_file(data, tmp_path):
+    """Two ranks answer the test split's 5 entries (3 and 2) into the file one process writes (a
+    barely trained model: random tokens, not an end-of-text at once)."""
+    from tests.dist_worker import PIPELINES
+    from llmft.pipelines.instruction import respond
+    from llmft.training.loop import TrainConfig
+
+    run = spec("instruction", data, tmp_path / "sft", 8, lr=1e-9)
+    options, pipeline = PIPELINES[run.pop("task")]
+    pipeline(options(**{**run, "train": TrainConfig(**run["train"])}))
+    asked = dict(split="test", max_new_tokens=6, batch_size=1, device="cpu")
+    one = respond(tmp_path / "sft", out=tmp_path / "one.json", **asked)
+    launch({"task": "respond", "source": str(tmp_path / "sft"), "out": str(tmp_path / "two.json"), **asked})
+    answers = json.loads(one.read_text())
+    assert len(answers) == 5 and all(e["model_response"] for e in answers)
+    assert json.loads((tmp_path / "two.json").read_text()) == answers
+    assert (tmp_path / "two.settings.json").read_text() == (tmp_path / "one.settings.json").read_text()

@@ -330,6 +330,13 @@ def test_bad_options_are_one_line_errors(sft_runs, pairs_file, tmp_path, capsys)
     assert not (tmp_path / "r").exists()
 
 
+def test_under_torchrun_it_says_it_runs_on_one_process(sft_runs, pairs_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(dpo_args(sft_runs["full"], pairs_file, tmp_path / "r")) == 2
+    assert "instruct dpo runs on one process; launch it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_other_key_names(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "Say hi", "good": "Hello!", "bad": "Go away."}\n')

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from llmft.rundir import RunDir, RunMeta, atomic_write_json, read_json
 from llmft.tasks import expect_task
 from llmft.tokenizers import Tokenizer
 from llmft.training.distributed import (
-    TaskModule, World, init_distributed, inner_model, is_sharded, log_global_batch, shard_loaders,
+    TaskModule, World, all_gather_json, init_distributed, inner_model, is_sharded, log_global_batch, shard_loaders,
 )
 from llmft.training.freezing import count_parameters
 from llmft.training.lora import apply_lora
@@ -285,6 +286,7 @@ def respond(source: str | Path, *, split: str | None = "test", data: str | None 
     """
     check_answer_settings(max_new_tokens, batch_size)
     resolve_device(device)
+    w = init_distributed(device)
     run = RunDir(source)
     if run.is_run():
         expect_task(run.read_meta(), "instruction", source, "instruct respond")
@@ -294,20 +296,26 @@ def respond(source: str | Path, *, split: str | None = "test", data: str | None 
     entries = entries_to_answer(run, split, data)
     record = {"source": base_spec(str(source)), "entries": str(Path(data).resolve()) if data else f"split {split}",
               "entries_fingerprint": entries_fingerprint(entries), "max_new_tokens": max_new_tokens}
-    entries = resume_responses(out, entries, record)
+    entries = resume_responses(out, entries, record, write=w.is_main)
     model, tokenizer, style = load_chat_model(str(source), device, compile)
     todo = [i for i, e in enumerate(entries) if "model_response" not in e]
     todo.sort(key=lambda i: len(style.format(entries[i])))  # similar lengths share a batch
-    with progress_bar(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry") as bar, \
+    mine = todo[w.rank::w.size]  # under torchrun, every rank answers its share
+    rounds = math.ceil(math.ceil(len(todo) / w.size) / batch_size)
+    with progress_bar(total=len(entries), initial=len(entries) - len(todo), desc="respond", unit="entry",
+                      disable=not w.is_main) as bar, \
             decoding_session(model, prepack), interrupted_keeps(out, entries):  # weights packed once
-        for s in range(0, len(todo), batch_size):
-            rows = todo[s:s + batch_size]
-            for i, text in zip(rows, answer(model, tokenizer, style, [entries[i] for i in rows],
-                                            max_new_tokens=max_new_tokens, batch_size=batch_size)):
+        for r in range(rounds):
+            rows = mine[r * batch_size:(r + 1) * batch_size]
+            texts = answer(model, tokenizer, style, [entries[i] for i in rows], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size) if rows else []
+            answered = [pair for rank_pairs in all_gather_json(list(zip(rows, texts))) for pair in rank_pairs]
+            for i, text in answered:
                 entries[i]["model_response"] = text
-            atomic_write_json(out, entries)
-            bar.update(len(rows))
-    if not todo:
+            if w.is_main:
+                atomic_write_json(out, entries)
+            bar.update(len(answered))
+    if not todo and w.is_main:
         atomic_write_json(out, entries)
     return out
 
@@ -337,10 +345,10 @@ def entries_fingerprint(entries: list[dict]) -> str:
     return hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resume_responses(out: Path, entries: list[dict], record: dict[str, Any]) -> list[dict]:
+def resume_responses(out: Path, entries: list[dict], record: dict[str, Any], write: bool = True) -> list[dict]:
     """The entries to fill in: those of an existing `out` made for the same `record` (a
     one-line error when it was made for something else), else `entries`; the record is
-    written before any answer."""
+    written before any answer (when `write`: rank 0 under torchrun)."""
     settings = out.with_name(out.stem + ".settings.json")
     if not out.parent.is_dir():
         raise LlmftError(f"--out {out}: folder {out.parent} does not exist")
@@ -360,7 +368,8 @@ def resume_responses(out: Path, entries: list[dict], record: dict[str, Any]) -> 
         log.info("resuming %s: %d of %d answered", out, sum("model_response" in e for e in done), len(done))
         return done
     try:
-        atomic_write_json(settings, record)
+        if write:
+            atomic_write_json(settings, record)
     except OSError as e:
         raise LlmftError(f"--out {out}: cannot write there ({one_line(e)})") from None
     return entries

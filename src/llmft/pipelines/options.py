@@ -71,9 +71,13 @@ class RunOptions:
             yield RunDir(staging_path(self.out))
 
     def checkpoints(self, run: RunDir) -> Checkpoints:
-        """The training checkpoints of `run` (its staging folder), as these options ask."""
+        """The training checkpoints of `run` (its staging folder), as these options ask. They
+        record the global batch (`--batch-size` per device times the processes), which a resumed
+        run must share, so a run resumes at another world size with the same global batch."""
+        record = self.record()
+        record["train"]["batch_size"] *= world().size
         return Checkpoints(run.file(RunDir.CHECKPOINTS), self.train.checkpoint_every, self.train.keep_checkpoints,
-                           self.record(), resume=self.resume)
+                           record, resume=self.resume)
 
     def record(self) -> dict[str, Any]:
         """The options as JSON values, for run.json."""

@@ -46,7 +46,7 @@ from llmft.prompts import PromptStyle, get_prompt_style
 from llmft.rundir import RunDir, RunMeta, atomic_write_json, create_run
 from llmft.tasks import expect_task
 from llmft.tokenizers import Tokenizer
-from llmft.training.distributed import TaskModule
+from llmft.training.distributed import TaskModule, require_one_process
 from llmft.training.freezing import count_parameters
 from llmft.training.lora import adapters_disabled, apply_lora, merge_lora
 from llmft.training.loop import (
@@ -335,6 +335,7 @@ def reference_loaders(datasets: dict[str, PreferenceDataset], start: Start, fres
 
 def train_preferences(opts: PreferenceOptions) -> dict[str, Any]:
     """Preference-tune `opts.model` into the run `opts.out`; returns what results.json holds."""
+    require_one_process("instruct dpo")
     with create_run(opts.out, opts.overwrite, opts.inputs(), resume=opts.resume) as run:
         seed_everything(opts.train.seed)
         splits, skipped = load_preference_splits(opts)

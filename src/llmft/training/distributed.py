@@ -11,10 +11,13 @@ the averaged gradient, and every reduced evaluation, equals one process's on the
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,12 +71,39 @@ def init_distributed(device: str) -> World:
     return world()
 
 
+def require_one_process(command: str) -> None:
+    """For a command that does not run under torchrun yet: a one-line error there."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LlmftError(f"{command} runs on one process; launch it without torchrun")
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (the value itself on one process)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
         dist.all_reduce(value)
     return value
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing on one process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Every rank's JSON value, in rank order, sent as UTF-8 JSON bytes (nothing is pickled)."""
+    w = world()
+    if w.size == 1:
+        return [value]
+    here = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL moves CUDA tensors only
+    data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8).to(here)
+    sizes = [torch.zeros(1, dtype=torch.long, device=here) for _ in range(w.size)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], device=here))
+    longest = int(max(sizes).item())
+    chunks = [torch.zeros(longest, dtype=torch.uint8, device=here) for _ in range(w.size)]
+    dist.all_gather(chunks, torch.cat([data, data.new_zeros(longest - data.numel())]))
+    return [json.loads(bytes(chunk[:int(n.item())].cpu().tolist())) for chunk, n in zip(chunks, sizes)]
 
 
 def broadcast(value: torch.Tensor, src: int) -> torch.Tensor:
@@ -184,6 +214,68 @@ def gather_into(model: nn.Module, runner: nn.Module) -> None:
 
     full = get_model_state_dict(runner, options=StateDictOptions(full_state_dict=True))
     model.load_state_dict({name.removeprefix("model."): t for name, t in full.items()})
+
+
+# -- sharded checkpoints (torch.distributed.checkpoint) -------------------------------------
+
+def _state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+def _storage(value: torch.Tensor) -> tuple:
+    """Where a tensor's values live (two names of one tied weight give the same answer)."""
+    local = value.to_local() if hasattr(value, "to_local") else value
+    return local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape)
+
+
+def _runner_state(runner: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(runner, optimizer, options=_state_options())
+    named = [(f"param.{name}", value) for name, value in model_state.items()]
+    named += [(f"optim.{name}.{slot}", value) for name, slots in optim_state["state"].items()
+              for slot, value in slots.items()]
+    flat, stored = {}, set()
+    for key, value in named:
+        if _storage(value) not in stored:  # a tied weight (embedding and output head) once
+            stored.add(_storage(value))
+            flat[key] = value
+    return flat, model_state, optim_state
+
+
+def sharded_state(runner: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The trainable parameters ("param.FQN") and optimizer slots ("optim.FQN.SLOT") as the runner
+    holds them: this rank's DTensor shards under FSDP, whole tensors otherwise. The names do not
+    depend on the wrapper (DDP, FSDP or none), so a checkpoint loads into any of them."""
+    return _runner_state(runner, optimizer)[0]
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Every rank writes its shards of `state` into `folder` (one safetensors file per rank, the
+    shard offsets in its header: no pickled metadata). A collective: every rank calls it."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+
+    save(state, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+
+
+def load_sharded(runner: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, groups: list[dict]) -> None:
+    """Load what `save_sharded` wrote, at any world size and under any wrapper, into the
+    runner's trainable parameters and the optimizer (its hyperparameters from `groups`)."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    target, model_state, optim_state = _runner_state(runner, optimizer)
+    with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we mean
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        load(target, storage_reader=HuggingFaceStorageReader(str(folder)))
+    groups = [{**saved, "params": fresh["params"]}
+              for saved, fresh in zip(groups, optim_state["param_groups"], strict=True)]
+    set_state_dict(runner, optimizer, model_state_dict=model_state,
+                   optim_state_dict={"state": optim_state["state"], "param_groups": groups}, options=_state_options())
 
 
 def no_sync(runner: nn.Module, accumulating: bool) -> Any:

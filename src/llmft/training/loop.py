@@ -29,7 +29,8 @@ from llmft.errors import Interrupted, LlmftError
 from llmft.models.transformer import DecoderLM
 from llmft.progress import progress_bar
 from llmft.training.distributed import (
-    STRATEGIES, all_reduce_sum, distribute, gather_into, is_sharded, no_sync, rank_weight, world,
+    STRATEGIES, all_reduce_sum, barrier, distribute, gather_into, is_sharded, load_sharded, no_sync, rank_weight,
+    sharded_state, world,
 )
 from llmft.training.resume import (
     Checkpoints, Interrupts, LoopState, load_optimizer_state, optimizer_state, rng_state, set_rng_state,
@@ -224,7 +225,8 @@ class _Loop:
         self.train_batches, self.val_batches, self.checkpoints = train_batches, val_batches, checkpoints
         # One graph for forward + loss: it fuses more than compiling block by block (docs/benchmarks.md).
         self.loss_fn = torch.compile(batch_loss) if cfg.compile else batch_loss
-        self.optimizer = make_optimizer(runner, cfg, device, sharded=is_sharded(runner))
+        self.sharded = is_sharded(runner)
+        self.optimizer = make_optimizer(runner, cfg, device, sharded=self.sharded)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "16-mixed")
         self.total_steps = math.ceil(len(train_batches) / cfg.grad_accum) * cfg.epochs
         self.history, self.seen, self.step = History(), 0, -1
@@ -272,26 +274,38 @@ class _Loop:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self, epoch: int, batch: int) -> LoopState:
-        """Everything that continues the run exactly from here (after an optimizer step)."""
+        """Everything that continues the run exactly from here (after an optimizer step); under
+        FSDP without the optimizer's moments (`sharded_state` holds them)."""
         optim, groups = optimizer_state(self.optimizer)
         rngs, rng_extra = rng_state()
-        tensors = {**optim, **rngs, "order.epoch": self.epoch_order, "order.now": order_state(self.train_batches)}
+        tensors = {**({} if self.sharded else optim), **rngs, "order.epoch": self.epoch_order,
+                   "order.now": order_state(self.train_batches)}
         return LoopState(epoch, batch, self.step, self.seen, {"steps": self.history.steps,
                                                              "epochs": self.history.epochs}, tensors,
                          {"param_groups": groups, "scaler": self.scaler.state_dict(), **rng_extra})
 
     def save(self, epoch: int, batch: int) -> None:
-        """Rank 0 writes the checkpoint (every rank holds the same state)."""
-        if world().is_main:
+        """Rank 0 writes the checkpoint (every rank holds the same state); under FSDP every rank
+        writes its shards. No rank goes on (or exits, when interrupted) before it is complete."""
+        if self.sharded:
+            self.checkpoints.save_sharded(sharded_state(self.runner, self.optimizer), self.state(epoch, batch))
+        elif world().is_main:
             trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             self.checkpoints.save(trainable, self.state(epoch, batch))
+        barrier()
 
     def restore(self, trainable: dict[str, torch.Tensor], state: LoopState) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in trainable.items():
-                params[name].copy_(value)
-        load_optimizer_state(self.optimizer, state.tensors, state.extra["param_groups"])
+        if state.shards is not None:
+            load_sharded(self.runner, self.optimizer, state.shards, state.extra["param_groups"])
+        elif self.sharded:
+            raise LlmftError(f"--resume --strategy fsdp: the checkpoint in {self.checkpoints.folder} was written "
+                             "by one process or DDP; resume it with --strategy ddp")
+        else:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in trainable.items():
+                    params[name].copy_(value)
+            load_optimizer_state(self.optimizer, state.tensors, state.extra["param_groups"])
         self.scaler.load_state_dict(state.extra["scaler"])
         self.step, self.seen = state.step, state.seen
         self.history = History(state.history["steps"], state.history["epochs"])
@@ -392,8 +406,6 @@ def train(model: nn.Module, task: Task, train_batches: DataLoader, val_batches: 
     model.to(device)
     prepare_model(model, cfg)
     runner = distribute(model, task, cfg.strategy, cfg.precision, device)
-    if is_sharded(runner) and checkpoints is not None and (checkpoints.every or checkpoints.resume):
-        raise LlmftError("--checkpoint-every and --resume do not work with --strategy fsdp yet; use ddp")
     history = _Loop(model, runner, task, train_batches, val_batches, cfg, device, metrics, checkpoints).run(show_progress)
     gather_into(model, runner)
     return history

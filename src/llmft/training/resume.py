@@ -7,6 +7,9 @@ temporary name and renamed when complete:
   frozen ones are rebuilt by the same command from the same seed.
 - `tensors.safetensors`: the optimizer's moments and step counts, the RNG states of torch (CPU,
   CUDA) and of the training data order.
+- under FSDP, `shards/` instead of the trainable weights and the optimizer's moments: one
+  safetensors file per rank, written and read by `torch.distributed.checkpoint` (each file's
+  header holds its shards' offsets), so a run checkpointed at one world size resumes at another.
 - `state.json`: the loop's position (epoch, batch, step, what was seen), the metrics rows so
   far, the learning-rate schedule position, the loss scaler, the optimizer's hyperparameters,
   the Python and numpy RNG states, the command's options and each file's size and hash.
@@ -36,12 +39,15 @@ import torch
 
 from llmft.errors import LlmftError, one_line
 from llmft.rundir import atomic_write_json
+from llmft.training.distributed import barrier, save_sharded, world
 
 log = logging.getLogger("llmft")
 
+TRAINABLE, TENSORS, SHARDS = "trainable.safetensors", "tensors.safetensors", "shards"
+
 # Options that may change on --resume: where things go and how fast, not what is computed.
 RESUMABLE_CHANGES = ("out", "overwrite", "resume", "epochs", "checkpoint_every", "keep_checkpoints", "device",
-                     "compile")
+                     "compile", "strategy")
 
 
 @dataclass
@@ -55,6 +61,7 @@ class LoopState:
     history: dict[str, list[dict[str, Any]]]  # "steps" and "epochs" rows so far
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # optimizer + RNG tensors
     extra: dict[str, Any] = field(default_factory=dict)  # JSON parts of optimizer, scaler, RNGs
+    shards: Path | None = None  # FSDP: the trainable weights and optimizer moments, sharded (not in `tensors`)
 
 
 def _digest(path: Path) -> str:
@@ -88,22 +95,44 @@ class Checkpoints:
         return self.every is not None and (epoch_end or (step + 1) % self.every == 0)
 
     def save(self, trainable: dict[str, torch.Tensor], state: LoopState) -> Path:
-        began = time.perf_counter()
+        """One process, or rank 0 of DDP: the trainable weights and the whole state in two files."""
+        began, (tmp, final) = time.perf_counter(), self._fresh_folder(state)
+        safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()},
+                                    str(tmp / TRAINABLE))
+        return self._complete(tmp, final, state, began)
+
+    def save_sharded(self, shards: dict[str, torch.Tensor], state: LoopState) -> Path:
+        """FSDP, called on every rank: each rank writes its shards of the trainable weights and
+        optimizer moments through torch.distributed.checkpoint (`shards/`, loadable at any world
+        size), then rank 0 the rest of the state."""
+        began, main = time.perf_counter(), world().is_main
+        tmp, final = self._fresh_folder(state) if main else self._folders(state)
+        barrier()  # the folder exists
+        save_sharded(shards, tmp / SHARDS)
+        barrier()  # every shard is written
+        return self._complete(tmp, final, state, began) if main else final
+
+    def _folders(self, state: LoopState) -> tuple[Path, Path]:
         final = self.folder / f"step-{state.step + 1:06d}"
-        tmp = final.with_name(final.name + ".tmp")
+        return final.with_name(final.name + ".tmp"), final
+
+    def _fresh_folder(self, state: LoopState) -> tuple[Path, Path]:
+        tmp, final = self._folders(state)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        files = {"trainable.safetensors": {k: v.detach().contiguous().cpu() for k, v in trainable.items()},
-                 "tensors.safetensors": {k: v.contiguous().cpu() for k, v in state.tensors.items()}}
-        for name, tensors in files.items():
-            safetensors.torch.save_file(tensors, str(tmp / name))
-        hashes = {name: {"size": (tmp / name).stat().st_size, "blake2b": _digest(tmp / name)} for name in files}
+        return tmp, final
+
+    def _complete(self, tmp: Path, final: Path, state: LoopState, began: float) -> Path:
+        """Write the loop state beside the weights, hash every file, then rename `tmp` to `final`."""
+        safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in state.tensors.items()}, str(tmp / TENSORS))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for path in files:
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        hashes = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "blake2b": _digest(p)} for p in files}
         atomic_write_json(tmp / "state.json", {
             "epoch": state.epoch, "batch": state.batch, "step": state.step, "seen": state.seen,
             "history": state.history, "extra": state.extra, "options": self.options, "files": hashes})
-        for name in files:
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _fsync_dir(self.folder)
@@ -141,13 +170,14 @@ class Checkpoints:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         check_same_options(state["options"], self.options, path)
         try:
-            trainable = safetensors.torch.load_file(str(path / "trainable.safetensors"))
-            tensors = safetensors.torch.load_file(str(path / "tensors.safetensors"))
+            tensors = safetensors.torch.load_file(str(path / TENSORS))
+            trainable = safetensors.torch.load_file(str(path / TRAINABLE)) if (path / TRAINABLE).is_file() else {}
         except (OSError, safetensors.SafetensorError) as e:
             raise LlmftError(f"{path}: cannot read the checkpoint ({one_line(e)})") from None
         log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"] + 1, state["step"] + 1)
+        shards = path / SHARDS if (path / SHARDS).is_dir() else None
         return trainable, LoopState(state["epoch"], state["batch"], state["step"], state["seen"], state["history"],
-                                    tensors, state["extra"])
+                                    tensors, state["extra"], shards)
 
 
 def _flatten(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
