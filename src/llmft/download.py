@@ -8,10 +8,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
-
 from llmft.errors import LlmftError
 from llmft.paths import cache_dir
+from llmft.progress import progress_bar
 
 
 def md5sum(path: Path) -> str:
@@ -36,7 +35,7 @@ def download(url: str, relative: str, md5: str | None = None) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+            with progress_bar(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     out.write(chunk)
                     bar.update(len(chunk))

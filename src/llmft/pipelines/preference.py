@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from llmft.checkpoint import base_spec, load_finetuned, save_finetuned, weights_fingerprint
 from llmft.data.batching import make_loader
@@ -42,6 +41,7 @@ from llmft.models import DecoderLM
 from llmft.pipelines.instruction import InstructionTask, resolve_style
 from llmft.pipelines.options import RunOptions
 from llmft.plots import plot_values
+from llmft.progress import progress_bar
 from llmft.prompts import PromptStyle, get_prompt_style
 from llmft.rundir import RunDir, RunMeta, atomic_write_json, create_run
 from llmft.tasks import expect_task
@@ -193,7 +193,7 @@ def cache_reference(model: nn.Module, loader: DataLoader, reduction: str, device
     is now, computed in eval mode (deterministic) over `loader`'s batches, which must hold every
     pair once. An evaluation on those same batches gives exactly ln 2 and zero margins then."""
     order = [i for batch in loader.batch_sampler for i in batch]
-    batches = tqdm(loader, desc="reference log-probabilities", unit="batch", leave=False, dynamic_ncols=True)
+    batches = progress_bar(loader, desc="reference log-probabilities", unit="batch", leave=False, dynamic_ncols=True)
     values = evaluated(model, lambda b: sequence_logprobs(model, b, reduction).float().cpu(), batches, device,
                        precision)
     logps = torch.empty(len(order), 2)
