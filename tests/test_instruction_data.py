@@ -45,6 +45,13 @@ def test_collate_matches_book_example():
         [[1, 2, 3, 4, PAD], [6, PAD, -100, -100, -100], [8, 9, PAD, -100, -100]]))
 
 
+def test_collate_keeps_end_of_text_ids_inside_the_text_scored():
+    """A chat template's end-of-turn tokens equal the pad id: the answer's end is still a target
+    (the book's masking by value would keep only the first, inside the prompt)."""
+    batch = collate_instruction([[0, PAD, 1, PAD, 2], [3]], pad_token_id=PAD)
+    assert torch.equal(batch["targets"], torch.tensor([[PAD, 1, PAD, 2, PAD], [PAD, -100, -100, -100, -100]]))
+
+
 def test_collate_truncates_to_allowed_max_length():
     batch = collate_instruction(BOOK_BATCH, pad_token_id=PAD, allowed_max_length=3)
     assert torch.equal(batch["input_ids"], torch.tensor([[0, 1, 2], [5, 6, PAD], [7, 8, 9]]))

@@ -140,9 +140,12 @@ def collate_instruction(batch: Sequence[Sequence[int] | Mapping[str, Any]], pad_
     """The book's `custom_collate_fn`: ``{"input_ids": (B, T), "targets": (B, T)}``.
 
     Every item gets one end-of-text (pad) token and is padded to the longest item + 1; inputs
-    drop the last position, targets the first (next-token prediction). In the targets the first
-    pad (the end-of-text the model must learn to emit) is kept and the other pads become
-    `ignore_index`, so the loss skips them. `mask_prompt` also ignores the targets that predict
+    drop the last position, targets the first (next-token prediction). In the targets the
+    appended end-of-text (which the model must learn to emit) is kept and the padding after it
+    becomes `ignore_index`, so the loss skips it. The book masks every pad id after the first
+    instead, which is the same unless the text itself holds that id: a chat template's
+    end-of-turn token (SmolLM2's `<|im_end|>` is also its end-of-text) closes the system and user
+    turns, and masking by value would drop the target that ends the answer. `mask_prompt` also ignores the targets that predict
     prompt tokens (exercise 7.2); it needs the dataset's ``{"input_ids", "prompt_len"}`` items.
     Items may also be plain token lists, as in the book.
     """
@@ -153,10 +156,7 @@ def collate_instruction(batch: Sequence[Sequence[int] | Mapping[str, Any]], pad_
         padded = new_item + [pad_token_id] * (batch_max_length - len(new_item))
         inputs = torch.tensor(padded[:-1])
         targets = torch.tensor(padded[1:])
-        mask = targets == pad_token_id
-        indices = torch.nonzero(mask).squeeze()
-        if indices.numel() > 1:
-            targets[indices[1:]] = ignore_index
+        targets[len(new_item) - 1:] = ignore_index  # the padding after the end-of-text target
         if mask_prompt:
             if not isinstance(item, Mapping):
                 raise ValueError("mask_prompt needs items with a 'prompt_len' (InstructionDataset items)")
