@@ -9,7 +9,6 @@ import click
 from llmft.cli.options import command_options, lora_options, run_options, train_options
 from llmft.data.classification import TRUNCATE_SIDES
 from llmft.evaluation.classification import DEFAULT_MAX_FPR
-from llmft.pipelines.presets import CLASSIFY_PRESETS, classify_preset
 from llmft.training.freezing import TRAINABLE_POLICIES
 from llmft.training.heads import CLASS_TOKENS
 
@@ -44,16 +43,11 @@ def classify() -> None:
 @click.option("--activation-cache/--no-activation-cache", default=True,
               help="Compute the frozen layers once per example (automatic when exact).")
 @train_options(epochs=5, eval_freq=50, eval_iter=5)
-@click.option("--preset", type=click.Choice(sorted(CLASSIFY_PRESETS)), default=None,
-              help="Start from a named recipe's flags instead of the book's defaults (flags given here still "
-                   "win): spam-quality = " + " ".join(f"--{k.replace('_', '-')} {v}"
-                                                        for k, v in CLASSIFY_PRESETS["spam-quality"].items())
-                   + " (docs/benchmarks.md, spam quality study).")
-def train_cmd(preset: str | None, **kwargs) -> None:
+def train_cmd(**kwargs) -> None:
     """Fine-tune a classifier and print its accuracies."""
     from llmft.pipelines.classification import ClassifyOptions, train_classifier
 
-    opts = command_options(ClassifyOptions, kwargs, "classification", "classify train", classify_preset(preset))
+    opts = command_options(ClassifyOptions, kwargs, "classification", "classify train")
     results = train_classifier(opts)
     print_accuracies(results)
     print_report(results)

@@ -83,21 +83,18 @@ def train_config(kwargs: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(TrainConfig)})
 
 
-def command_options(options_class: type, kwargs: dict[str, Any], task: str, command: str,
-                    preset: dict[str, Any] | None = None) -> Any:
+def command_options(options_class: type, kwargs: dict[str, Any], task: str, command: str) -> Any:
     """The command's options object from its flags (`kwargs`, as click gives them); with
     --config, from the options a run of `task` was made with, each flag given on the command line
-    overriding its recorded value. A `preset` (flag values, `pipelines.presets`) lies over the
-    defaults and the recorded options, under the flags given on the command line."""
+    overriding its recorded value."""
     from llmft.pipelines.options import recorded_options
 
     config = kwargs.pop("config")
-    if config or preset:
+    if config:
         ctx = click.get_current_context()
         given = {name: value for name, value in kwargs.items()
                  if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE}
-        start = flat_options(recorded_options(config, options_class, task, command)) if config else kwargs
-        kwargs = {**start, **(preset or {}), **given}
+        kwargs = {**flat_options(recorded_options(config, options_class, task, command)), **given}
     return options_class(**nested_options(kwargs))
 
 
