@@ -9,7 +9,9 @@ Suites (see README.md and each bench_*.py): `recipe` (the book's chapter-6 class
 end, --book-compat vs our default path), `train` (full fine-tuning tokens/s, llmft vs
 transformers), `generate` (greedy tokens/s, llmft with/without KV cache vs transformers),
 `answer` (SmolLM2-135M-Instruct answering the book's test instructions, vs transformers), `serve`
-(`llmft serve` with SmolLM2-135M-Instruct under 1, 8 and 32 concurrent clients). Every
+(`llmft serve` with SmolLM2-135M-Instruct under 1, 8 and 32 concurrent clients), and, only when
+named (hours, not part of `all`), `peers` (llmft vs transformers Trainer, TRL SFTTrainer and
+PEFT on the same weights, data and hyperparameters; `--limit N` for a smoke test). Every
 speed figure is a ratio of timings taken in this run; every variant runs in its own process
 and reports its own peak memory.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import bench_answer
 import bench_generate
+import bench_peers
 import bench_recipe
 import bench_serve
 import bench_train
@@ -32,20 +35,22 @@ from common import ROOT, Section, load_average, machine_info, worker_env
 
 SUITES = {"recipe": bench_recipe, "train": bench_train, "generate": bench_generate, "answer": bench_answer,
           "serve": bench_serve}
+OPT_IN = {"peers": bench_peers}  # run only when named: `all` leaves them out
 
 # Defaults that differ between a full run and --quick (an explicit option always wins).
 FULL = {"epochs": 5, "rounds": 2, "seq": 128, "steps": 3, "warmup": 1, "prompt_tokens": 64, "new_tokens": 32,
         "warmup_tokens": 4, "repeats": 2, "answer_prompts": 16, "answer_tokens": 128, "serve_requests": 32,
-        "serve_tokens": 64}
+        "serve_tokens": 64, "limit": None}
 QUICK = {"epochs": 1, "rounds": 1, "seq": 32, "steps": 2, "warmup": 1, "prompt_tokens": 16, "new_tokens": 8,
          "warmup_tokens": 2, "repeats": 1, "answer_prompts": 2, "answer_tokens": 8, "serve_requests": 4,
-         "serve_tokens": 8}
+         "serve_tokens": 8, "limit": 16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", nargs="+", choices=[*SUITES, "all"], default=["all"])
+    p.add_argument("--suite", nargs="+", choices=[*SUITES, *OPT_IN, "all"], default=["all"],
+                   help="all: every suite but the opt-in ones (peers)")
     p.add_argument("--quick", action="store_true", help="tiny models, few steps: checks the machinery in ~1 minute")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, help="torch threads in every process (default: torch's own, one per "
@@ -75,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--serve-requests", type=int, help="chat requests per concurrency level (default 32; --quick: 4); "
                    "4 times as many classification texts")
     g.add_argument("--serve-tokens", type=int, help="most new tokens per chat answer (default 64; --quick: 8)")
-    p.add_argument("--rounds", type=int, help="processes per side for train/generate, in ABBA order")
+    bench_peers.add_arguments(p.add_argument_group("peers"))
+    p.add_argument("--rounds", type=int, help="processes per side for train/generate/peers, in ABBA order")
     p.add_argument("--write-docs", type=Path, metavar="PATH", help="also write the report there (docs/benchmarks.md)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write every raw measurement there")
     args = p.parse_args(argv)
@@ -88,11 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "warmup_tokens", "repeats", "answer_prompts", "answer_tokens", "serve_requests", "serve_tokens"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
-    if args.max_length is not None and args.max_length < 1:
-        p.error("--max-length must be at least 1")
+    for key in ("max_length", "limit"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
     if min(args.gen_batches) < 1 or args.warmup < 0:
         p.error("--gen-batches must be at least 1 and --warmup at least 0")
-    args.suites = list(SUITES) if "all" in args.suite else list(dict.fromkeys(args.suite))
+    named = [s for s in dict.fromkeys(args.suite) if s != "all"]
+    args.suites = list(dict.fromkeys([*SUITES, *named])) if "all" in args.suite else named
     return args
 
 
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(worker_env())  # the orchestrator resolves data and exports weights offline too
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
-    sections = [SUITES[name].run(args) for name in args.suites]
+    sections = [{**SUITES, **OPT_IN}[name].run(args) for name in args.suites]
     text = report(args, argv, sections, load_before, started)
     print(text)
     if args.write_docs:

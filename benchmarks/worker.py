@@ -17,7 +17,8 @@ import llmft.models  # noqa: F401
 
 from common import RESULT_PREFIX, peak_memory
 
-SUITES = {"recipe": "bench_recipe", "train": "bench_train", "generate": "bench_generate", "answer": "bench_answer"}
+SUITES = {"recipe": "bench_recipe", "train": "bench_train", "generate": "bench_generate", "answer": "bench_answer",
+          "peers": "bench_peers"}
 
 
 def main() -> None:
