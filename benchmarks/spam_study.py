@@ -58,6 +58,7 @@ ROWS = {
     "gemma-2blocks-lr2e-4": Row(GEMMA, ("--trainable", "last-two-blocks", "--lr", "2e-4")),
     "smollm2-mean": Row(SMOLLM2, ("--class-token", "mean")),
     "gemma-mean": Row(GEMMA, ("--class-token", "mean")),
+    "gemma-2blocks-mean": Row(GEMMA, ("--trainable", "last-two-blocks", "--class-token", "mean")),
     "smollm2-lora-all": Row(SMOLLM2, ("--finetune", "lora", "--lr", "5e-4"), "LoRA r16 on every Linear"),
     "gemma-lora-all": Row(GEMMA, ("--finetune", "lora", "--lr", "5e-4"), "LoRA r16 on every Linear"),
     "smollm2-all": Row(SMOLLM2, ("--trainable", "all")),
@@ -227,7 +228,7 @@ def verdict(runs: list[dict[str, Any]], best: dict[int, float], seeds: list[int]
     baseline on every seed."""
     by_seed = {r["seed"]: r["test_accuracy"] for r in runs}
     if any(s not in by_seed for s in seeds):
-        return f"{len(by_seed)}/{len(seeds)} seeds"
+        return f"not measured (ran {len(by_seed)} of {len(seeds)} seeds)"
     mean = statistics.fmean(by_seed.values())
     beats = sum(by_seed[s] > best.get(s, 1.0) for s in seeds)
     return ("**yes**" if mean >= TARGET and beats == len(seeds) else "no") + f" (beats best baseline on {beats}/{len(seeds)})"
@@ -246,6 +247,18 @@ def table(records: list[dict[str, Any]], seeds: list[int]) -> str:
                  spread(walls, 1.0, 1 if kind == "baseline" else 0) if walls else "",
                  verdict(runs, best, seeds) if kind == "llmft" else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(records: list[dict[str, Any]], seeds: list[int]) -> str:
+    """Test accuracy of every row on every seed, beside the best baseline of that seed."""
+    best = best_baseline(records)
+    rows = {name: {r["seed"]: r["test_accuracy"] for r in runs}
+            for (kind, name), runs in group(records).items() if kind == "llmft"}
+    lines = ["| seed | best baseline | " + " | ".join(rows) + " |", "|" + "---|" * (len(rows) + 2)]
+    for seed in seeds:
+        cells = [f"{rows[n][seed] * 100:.2f}" if seed in rows[n] else "—" for n in rows]
+        lines.append(f"| {seed} | {best.get(seed, float('nan')) * 100:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -272,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"versions: {versions()}; load now {load_average()}")
     print("accuracy: mean over seeds (min–max), whole splits; wall: whole command, seconds (min–max)")
     print(table(records, args.seeds))
+    print("\ntest accuracy % per seed")
+    print(per_seed_table(records, args.seeds))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"versions": versions(), "seeds": args.seeds, "records": records}, indent=1))
