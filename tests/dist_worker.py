@@ -1,5 +1,4 @@
-"""What tests/test_distributed.py launches with torchrun: one tiny training run, options as JSON
-(or, with "task": "respond", `respond`'s arguments).
+"""What tests/test_distributed.py launches with torchrun: one tiny training run, options as JSON.
 With "stop_after": N in them, every rank is asked to stop after optimizer step N, as a Ctrl-C
 would (the run checkpoints and exits with 130)."""
 
@@ -10,7 +9,7 @@ import torch
 
 from llmft.errors import LlmftError
 from llmft.pipelines.classification import ClassifyOptions, train_classifier
-from llmft.pipelines.instruction import InstructOptions, respond, train_instructions
+from llmft.pipelines.instruction import InstructOptions, train_instructions
 from llmft.training import loop
 from llmft.training.loop import TrainConfig
 
@@ -31,11 +30,7 @@ def stop_after(n: int) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     spec = json.loads(sys.argv[1])
-    task = spec.pop("task")
-    if task == "respond":
-        respond(spec.pop("source"), **spec)
-        sys.exit(0)
-    options, pipeline = PIPELINES[task]
+    options, pipeline = PIPELINES[spec.pop("task")]
     if "stop_after" in spec:
         stop_after(spec.pop("stop_after"))
     try:

@@ -48,7 +48,8 @@ def spec(task: str, data, out, batch_size: int, **train) -> dict:
     return dict(task=task, data=str(data / "sft.json"), max_length=64, train=cfg, **common)
 
 
-def launch(run_spec: dict, nproc: int = 2, extra: tuple[str, ...] = (), check: bool = True) -> subprocess.CompletedProcess:
+def launch(run_spec: dict, nproc: int = 2, extra: tuple[str, ...] = (),
+           check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *extra,
            str(ROOT / "tests" / "dist_worker.py"), json.dumps(run_spec)]
     if not extra:
@@ -137,8 +138,9 @@ def test_an_fsdp_checkpoint_at_two_processes_resumes_on_one(data, tmp_path):
 
 
 def test_respond_splits_the_entries_across_ranks_into_one_file(data, tmp_path):
-    """Two ranks answer the test split's 5 entries (3 and 2) into the file one process writes (a
-    barely trained model: random tokens, not an end-of-text at once)."""
+    """`torchrun -m llmft instruct respond` on two ranks answers the test split's 5 entries (3 and
+    2) into the file one process writes, and prints once (a barely trained model: random tokens,
+    not an end-of-text at once)."""
     from tests.dist_worker import PIPELINES
     from llmft.pipelines.instruction import respond
     from llmft.training.loop import TrainConfig
@@ -148,7 +150,14 @@ def test_respond_splits_the_entries_across_ranks_into_one_file(data, tmp_path):
     pipeline(options(**{**run, "train": TrainConfig(**run["train"])}))
     asked = dict(split="test", max_new_tokens=6, batch_size=1, device="cpu")
     one = respond(tmp_path / "sft", out=tmp_path / "one.json", **asked)
-    launch({"task": "respond", "source": str(tmp_path / "sft"), "out": str(tmp_path / "two.json"), **asked})
+    cli = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "llmft", "instruct", "respond", str(tmp_path / "sft"),
+           "--split", "test", "--out", str(tmp_path / "two.json"), "--max-new-tokens", "6", "--batch-size", "1",
+           "--device", "cpu"]
+    done = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("responses saved to") == 1  # only rank 0 prints
     answers = json.loads(one.read_text())
     assert len(answers) == 5 and all(e["model_response"] for e in answers)
     assert json.loads((tmp_path / "two.json").read_text()) == answers

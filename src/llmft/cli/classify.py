@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from llmft.cli.options import command_options, lora_options, run_options, train_options
+from llmft.cli.options import command_options, lora_options, prints_results, run_options, train_options
 from llmft.data.classification import TRUNCATE_SIDES
 from llmft.evaluation.classification import DEFAULT_MAX_FPR
 from llmft.training.freezing import TRAINABLE_POLICIES
@@ -49,6 +49,8 @@ def train_cmd(**kwargs) -> None:
 
     opts = command_options(ClassifyOptions, kwargs, "classification", "classify train")
     results = train_classifier(opts)
+    if not prints_results():
+        return
     print_accuracies(results)
     print_report(results)
     click.echo(f"run saved to {opts.out}")

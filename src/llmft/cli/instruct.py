@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from llmft.cli.options import (
-    command_options, lora_options, prepack_option, run_options, sampling_options, train_options,
+    command_options, lora_options, prepack_option, prints_results, run_options, sampling_options, train_options,
 )
 
 
@@ -34,6 +34,8 @@ def train_cmd(**kwargs) -> None:
     from llmft.pipelines.instruction import InstructOptions, train_instructions
 
     results = train_instructions(command_options(InstructOptions, kwargs, "instruction", "instruct train"))
+    if not prints_results():
+        return
     click.echo(f"validation loss (whole split): {results['full_val_loss_before']:.3f} -> "
                f"{results['full_val_loss_after']:.3f}")
     click.echo(f"run saved to {kwargs['out']}")
@@ -89,6 +91,8 @@ def respond_cmd(source: str, split: str, data: str | None, out: Path | None, max
 
     path = respond(source, split=split, data=data, out=out, max_new_tokens=max_new_tokens, batch_size=batch_size,
                    device=device, compile=compile, prepack=prepack)
+    if not prints_results():
+        return
     click.echo(f"responses saved to {path}")
     print_reference_scores(reference_scores(path))
 

@@ -8,6 +8,7 @@ from typing import Any, get_args, get_type_hints
 import click
 from click.core import ParameterSource
 
+from llmft.training.distributed import world
 from llmft.training.lora import FINETUNE_MODES, LoRAConfig
 from llmft.training.loop import TrainConfig
 
@@ -33,6 +34,11 @@ HELP = {
     "checkpoint_every": "Checkpoint every N optimizer steps and at each epoch's end (for --resume).",
     "keep_checkpoints": "How many checkpoints to keep.",
 }
+
+
+def prints_results() -> bool:
+    """Whether this process prints a command's results: under torchrun only rank 0 does."""
+    return world().is_main
 
 
 def run_options(model: str, data: str, data_help: str):
