@@ -237,12 +237,10 @@ def _runner_state(runner: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
     named = [(f"param.{name}", value) for name, value in model_state.items()]
     named += [(f"optim.{name}.{slot}", value) for name, slots in optim_state["state"].items()
               for slot, value in slots.items()]
-    flat, stored = {}, set()
-    for key, value in named:
-        if _storage(value) not in stored:  # a tied weight (embedding and output head) once
-            stored.add(_storage(value))
-            flat[key] = value
-    return flat, model_state, optim_state
+    flat: dict[tuple, tuple[str, torch.Tensor]] = {}  # by storage
+    for key, value in named:  # a tied weight (embedding and output head) once, under its first name
+        flat.setdefault(_storage(value), (key, value))
+    return dict(flat.values()), model_state, optim_state
 
 
 def sharded_state(runner: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
