@@ -5,19 +5,20 @@
 
 The pass is the biggest part of the README's main command: SmolLM2-135M-Instruct (the offline
 GGUF, fp32) computes blocks 0-28 once for every distinct text of the balanced SMS split. This
-script measures, in one process:
+script measures, in one process (glibc told to keep freed memory, as the CLI does), for the
+pass computing every token and for the pass computing shared prefixes once:
 
-1. the machine's fp32 GEMM throughput at the pass's shapes: `x Wᵀ` for every linear layer of a
-   block (q, k, v, o, gate, up, down) at the pass's batch size (`max_tokens` = 2048 token rows),
-   best of `--repeats`; the limit is their FLOP-weighted harmonic mean (the rate at which the
-   pass's GEMMs alone would run);
-2. the pass itself (`ActivationStore`, best of `--passes`), once without and once with shared
-   prefixes computed once; its FLOPs are the linear layers' (2 · parameters per token) and
-   causal attention's (4 · heads · head_dim per query-key pair), counted for every token of every
-   distinct text, so the prefix-sharing pass gets no credit for FLOPs it skips in its own rate;
-   the ratio of the two wall times says what skipping them buys.
+1. the pass itself (`ActivationStore`, best of `--passes`), as FLOP/s: the FLOPs of every
+   token of every distinct text (linear layers: 2 · parameters per token; causal attention:
+   4 · heads · head_dim per query-key pair) over its wall time, so tokens that shared prefixes
+   skip count as done;
+2. the machine's fp32 GEMM throughput at the pass's shapes (`x Wᵀ` for every linear layer of a
+   block, the real weights): at 2048 token rows (`max_tokens`, the largest batch; best of
+   `--repeats`), and, as seconds, at the token rows of each of the pass's own batches (padding
+   included): the time its GEMMs alone would take.
 
-Prints one JSON object (and a markdown table with --markdown).
+`fraction_of_2048_row_gemm` is (1) over the 2048-row GEMM rate; `fraction_of_own_gemms` is
+the GEMM-alone time over the pass's time.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -57,69 +59,72 @@ def block_linears(model) -> list[tuple[str, torch.Tensor]]:
     return [(name, module.weight) for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
-def gemm_rates(model, repeats: int) -> dict[str, float]:
-    """GFLOP/s of x Wᵀ, x (2048, in), for each linear layer of a block: best of `repeats`."""
-    rates = {}
-    for name, weight in block_linears(model):
-        x = torch.randn(MAX_TOKENS, weight.shape[1])
-        w = weight.detach().clone()
-        flops = 2 * MAX_TOKENS * w.shape[0] * w.shape[1]
-        torch.nn.functional.linear(x, w)  # warm-up
-        best = min(timed(lambda: torch.nn.functional.linear(x, w)) for _ in range(repeats))
-        rates[name] = flops / best / 1e9
-    return rates
-
-
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def pass_flops(model, sequences: list[tuple[int, ...]], blocks: int) -> tuple[float, float]:
-    """(linear FLOPs, attention FLOPs) of blocks[:blocks] over every token of `sequences`."""
+def gemm_seconds(weight: torch.Tensor, rows: int, repeats: int) -> float:
+    """The best time of x Wᵀ for x (rows, in)."""
+    x = torch.randn(rows, weight.shape[1])
+    torch.nn.functional.linear(x, weight)  # warm-up
+    return min(timed(lambda: torch.nn.functional.linear(x, weight)) for _ in range(repeats))
+
+
+def gemm_limit(model, batch_rows: list[int], blocks: int, repeats: int) -> tuple[float, float]:
+    """(GFLOP/s at MAX_TOKENS rows, seconds of the pass's GEMMs alone): every linear layer of
+    the frozen blocks at the token rows of each of the pass's batches (padding included)."""
+    weights = [w.detach().clone() for _, w in block_linears(model)]
+    peak = sum(2 * MAX_TOKENS * w.numel() for w in weights) / sum(gemm_seconds(w, MAX_TOKENS, repeats) for w in weights)
+    counts = Counter(batch_rows)
+    seconds = sum(n * blocks * sum(gemm_seconds(w, rows, max(3, repeats // 4)) for w in weights)
+                  for rows, n in counts.items())
+    return peak / 1e9, seconds
+
+
+def pass_flops(model, sequences: list[tuple[int, ...]], blocks: int) -> float:
+    """Linear + causal attention FLOPs of blocks[:blocks] over every token of `sequences`."""
     cfg = model.backbone.cfg
     per_token = 2 * sum(w.numel() for _, w in block_linears(model))
     tokens = sum(len(s) for s in sequences)
     pairs = sum(len(s) * (len(s) + 1) // 2 for s in sequences)  # causal query-key pairs
-    return blocks * per_token * tokens, blocks * 4 * cfg.n_heads * cfg.head_dim * pairs
+    return blocks * (per_token * tokens + 4 * cfg.n_heads * cfg.head_dim * pairs)
 
 
 def time_pass(model, sequences, start: int, share_prefixes: bool, passes: int) -> float:
     from llmft.training.activation_cache import ActivationStore
 
-    seconds = []
-    for _ in range(passes):
-        began = time.perf_counter()
-        ActivationStore(model, sequences, start, torch.device("cpu"), share_prefixes=share_prefixes)
-        seconds.append(time.perf_counter() - began)
-    return min(seconds)
+    return min(timed(lambda: ActivationStore(model, sequences, start, torch.device("cpu"),
+                                             share_prefixes=share_prefixes)) for _ in range(passes))
 
 
 def measure(args) -> dict:
-    from llmft.training.activation_cache import cache_start
-    from llmft.training.shared_prefixes import plan_prefixes
+    from llmft.training.activation_cache import SLOTS_PER_TOKEN, cache_start
+    from llmft.training.resources import keep_freed_memory
+    from llmft.training.shared_prefixes import plan_prefixes, wave_batches
 
+    freed_memory_kept = keep_freed_memory()  # as the CLI does
     if args.threads:
         torch.set_num_threads(args.threads)
     model, sequences = spam_setup()
     start = cache_start(model)
     distinct = list(dict.fromkeys(map(tuple, sequences)))
-    rates = gemm_rates(model, args.repeats)
-    weights = {name: w.numel() for name, w in block_linears(model)}
-    limit = sum(weights.values()) / sum(weights[n] / rates[n] for n in rates)  # FLOP-weighted harmonic mean
-    linear, attention = pass_flops(model, distinct, start)
-    plan = plan_prefixes(distinct)
-    result = {"threads": torch.get_num_threads(), "frozen_blocks": start, "distinct_texts": len(distinct),
-              "tokens": sum(map(len, distinct)), "tokens_computed_with_sharing": plan.new_tokens(),
-              "waves": max(plan.waves) + 1,
-              "gemm_gflops": {n: round(r, 1) for n, r in rates.items()}, "gemm_limit_gflops": round(limit, 1),
-              "pass_gflop": round((linear + attention) / 1e9, 1), "attention_share": round(attention / (linear + attention), 4)}
+    flops = pass_flops(model, distinct, start)
+    result = {"threads": torch.get_num_threads(), "malloc_keeps_freed_memory": freed_memory_kept,
+              "frozen_blocks": start, "distinct_texts": len(distinct), "tokens": sum(map(len, distinct)),
+              "pass_gflop": round(flops / 1e9, 1)}
     for share in (False, True):
+        plan = plan_prefixes(distinct, share)
+        batches = wave_batches(plan, MAX_TOKENS, SLOTS_PER_TOKEN * MAX_TOKENS)
+        rows = [len(b) * max(map(plan.new_length, b)) for b in batches]
+        peak, gemm_only = gemm_limit(model, rows, start, args.repeats)
         seconds = time_pass(model, sequences, start, share, args.passes)
-        rate = (linear + attention) / seconds / 1e9
-        key = "shared_prefixes" if share else "every_token"
-        result[key] = {"seconds": round(seconds, 2), "gflops": round(rate, 1), "fraction_of_limit": round(rate / limit, 3)}
+        result["shared_prefixes" if share else "every_token"] = {
+            "batches": len(batches), "waves": max(plan.waves) + 1, "token_rows_computed": sum(rows),
+            "seconds": round(seconds, 2), "gflops": round(flops / seconds / 1e9, 1),
+            "gemm_gflops_at_2048_rows": round(peak, 1), "fraction_of_2048_row_gemm": round(flops / seconds / 1e9 / peak, 3),
+            "gemm_only_seconds_at_these_batches": round(gemm_only, 2), "fraction_of_own_gemms": round(gemm_only / seconds, 3)}
     result["speedup_from_sharing"] = round(result["every_token"]["seconds"] / result["shared_prefixes"]["seconds"], 3)
     return result
 
@@ -127,7 +132,7 @@ def measure(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own, one per core)")
-    p.add_argument("--repeats", type=int, default=20, help="GEMM timings per shape (the best counts)")
+    p.add_argument("--repeats", type=int, default=12, help="GEMM timings per shape at 2048 rows (the best counts)")
     p.add_argument("--passes", type=int, default=2, help="timed passes per variant (the best counts)")
     args = p.parse_args()
     print(json.dumps(measure(args), indent=1))

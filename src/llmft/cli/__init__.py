@@ -16,6 +16,7 @@ from llmft.cli.merge import merge
 from llmft.cli.options import add_threads_option
 from llmft.cli.serve import serve
 from llmft.errors import LlmftError
+from llmft.training.resources import keep_freed_memory
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -23,6 +24,7 @@ from llmft.errors import LlmftError
 def cli(quiet: bool) -> None:
     """Fine-tune GPT-style language models for classification and instruction following."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    keep_freed_memory()
 
 
 cli.add_command(classify)

@@ -119,11 +119,11 @@ class ActivationStore:
         new_ids = torch.tensor([[*plan.sequences[i][p:], *[0] * (length - plan.new_length(i))]
                                 for i, p in zip(batch, shared)], device=device)
         prefix_kv = gather_prefixes(plan, batch, kept).to(device) if max(shared) else None
+        keep_rows = [row for row, i in enumerate(batch) if plan.keep[i]]
         hidden, new_kv = run_after_prefixes(backbone, new_ids, torch.tensor(shared, device=device), prefix_kv,
-                                            self.start)
-        for row, i in enumerate(batch):
-            if plan.keep[i]:
-                kept[i] = new_kv[:, :, row, :, :plan.keep[i]].cpu().clone()
+                                            self.start, keep_rows)
+        for j, row in enumerate(keep_rows):
+            kept[batch[row]] = new_kv[:, :, j, :, :plan.keep[batch[row]]].cpu().clone()
         return hidden.float().cpu()
 
     def _rows(self, plan: PrefixPlan, i: int) -> slice:

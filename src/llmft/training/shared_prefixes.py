@@ -110,11 +110,13 @@ def prefix_mask(shared: torch.Tensor, P: int, L: int) -> torch.Tensor:
 
 @torch.no_grad()
 def run_after_prefixes(model: DecoderLM, new_ids: torch.Tensor, shared: torch.Tensor,
-                       prefix_kv: torch.Tensor | None, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       prefix_kv: torch.Tensor | None, stop: int,
+                       keep_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """blocks[:stop] on tokens (B, L), padded on the right, that follow prefixes of shared[b]
     tokens whose keys and values `prefix_kv` (stop, 2, B, H_kv, P, d) holds right-aligned (None:
     no prefixes).
-    Returns the output states (B, L, C) and the new tokens' keys and values (stop, 2, B, H_kv, L, d)."""
+    Returns the output states (B, L, C) and the new tokens' keys and values in the rows
+    `keep_rows` (stop, 2, len(keep_rows), H_kv, L, d)."""
     B, L = new_ids.shape
     P = 0 if prefix_kv is None else prefix_kv.shape[-2]
     cfg, weight = model.cfg, model.tok_emb.weight
@@ -127,8 +129,8 @@ def run_after_prefixes(model: DecoderLM, new_ids: torch.Tensor, shared: torch.Te
         positions = shared.unsqueeze(1) + torch.arange(L, device=new_ids.device)  # (B, L)
         mask = prefix_mask(shared, P, L) if P else None  # None: plain causal, as without a prefix
         hidden = model.run_blocks(model.embed(new_ids, positions), positions, mask, cache_pos=P, stop=stop)
-        new_kv = torch.stack([torch.stack((b.attn.kv_cache.k[:, :, P:], b.attn.kv_cache.v[:, :, P:]))
-                              for b in blocks])
+        caches = [b.attn.kv_cache for b in blocks]
+        new_kv = torch.stack([torch.stack((c.k[keep_rows, :, P:], c.v[keep_rows, :, P:])) for c in caches])
     finally:
         for block in blocks:
             block.attn.kv_cache = None
