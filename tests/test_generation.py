@@ -198,7 +198,7 @@ def test_prompt_lookup_draft():
     assert prompt_lookup_draft(tokens, 7) == [7, 8, 9, 5, 6, 7, 8]  # looked up again from the guess's end
     assert prompt_lookup_draft([1, 2, 9, 1, 2, 7, 1, 2], 2) == [7, 1]  # the latest occurrence wins
     assert prompt_lookup_draft([3, 1, 2, 4, 1, 2, 3, 1, 2], 2) == [4, 1]  # "3 1 2" beats the later "1 2"
-    assert prompt_lookup_draft([1, 2, 3], 3) == [3, 3, 3]  # nothing matches: the last token again
+    assert prompt_lookup_draft([1, 2, 3], 3) == []  # nothing matches: no guess
     assert prompt_lookup_draft(tokens, 0) == []
 
 

@@ -43,9 +43,9 @@ log = logging.getLogger("llmft")
 # anew, and decoding grows the key length by one every step: decoding on a GPU was many times
 # slower with it (see docs/benchmarks.md, "Decoding defaults").
 DECODE_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# Guessed tokens verified per greedy single-row step (see `stream_tokens`): oneDNN runs 4
-# positions no slower than 1, and longer guesses are rarely kept; 3 answered the book's
-# instructions fastest (see docs/benchmarks.md, "Decoding defaults").
+# Guessed tokens verified per greedy single-row step, at most (see `stream_tokens`): longer
+# guesses are rarely kept; 3 answered the book's instructions fastest (see docs/benchmarks.md,
+# "Decoding defaults").
 DRAFT_TOKENS = 3
 
 _IN_SESSION: weakref.WeakSet = weakref.WeakSet()  # models inside a `decoding_session`
@@ -295,17 +295,20 @@ def _continuation(tokens: Sequence[int], max_tokens: int, max_ngram: int) -> lis
 
 
 def prompt_lookup_draft(tokens: Sequence[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
-    """A guess of the next `max_tokens` tokens, without a model ("prompt lookup decoding",
-    Saxena, 2023): what followed the latest earlier occurrence of the last few tokens, looked
-    up again from the guess's end while it is short, the last token repeated where nothing
-    matches. Answers to instructions copy from their prompt (names, the sentence to rewrite)
-    and from themselves; and a CPU verifies 4 positions no slower than 1 (see
-    `stream_tokens`), so a full-length guess costs nothing even when it is wrong.
+    """A guess of the next `max_tokens` tokens at most, without a model ("prompt lookup
+    decoding", Saxena, 2023): what followed the latest earlier occurrence of the last few tokens,
+    looked up again from the guess's end while it is short; [] where nothing matches. Answers to
+    instructions copy from their prompt (names, the sentence to rewrite) and from themselves.
+    Verifying 4 positions costs 1.3-1.5 one-token steps on a 2-core Xeon, so a step guesses only
+    where a match says what comes next: repeating the last token instead, as this did before,
+    made batch-1 answers slower (docs/benchmarks.md, "Batch-1 decoding").
     """
     draft: list[int] = []
     while len(draft) < max_tokens:
-        seen = [*tokens, *draft]
-        draft += _continuation(seen, max_tokens - len(draft), max_ngram) or seen[-1:]
+        more = _continuation([*tokens, *draft], max_tokens - len(draft), max_ngram)
+        if not more:
+            break
+        draft += more
     return draft
 
 
@@ -388,8 +391,9 @@ def stream_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_token
     forward pass over the last token and the guesses gives the model's own choice after each,
     the guesses it agrees with are kept, plus its choice after the last of them (`accept_draft`).
     The output is the greedy output (up to float rounding: several positions go through the
-    model at once); a step on a CPU costs about what a one-token step costs, since reading the
-    weights, not the arithmetic, bounds it. 0 turns guessing off.
+    model at once); a step with guesses costs more than a one-token step, but less than the
+    steps that the agreed guesses save, since reading the weights bounds both. A step without
+    a prompt-lookup match guesses nothing. 0 turns guessing off.
 
     `prepack` (CPU, fp32): multiply by oneDNN-prepacked copies of the Linear weights (see
     `llmft.models.prepacked`), faster at the cost of a second copy of them while generating.

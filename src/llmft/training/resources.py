@@ -31,9 +31,9 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc reuse the memory torch frees instead of handing it back to the OS.
 
     A CPU forward pass allocates and frees activations of a few MB per op; by default glibc
-    serves blocks that large with fresh pages from the OS (page faults, zeroing) each time, which
-    makes elementwise ops several times slower and a whole forward pass about 10 % slower
-    (docs/benchmarks.md, "The machine's limit"). True if set (Linux with glibc), else False.
+    serves blocks that large with fresh pages from the OS (page faults, zeroing) each time: the
+    activation cache's frozen blocks ran 7-20 % faster without that (docs/benchmarks.md, "The
+    machine's limit"). True if set (Linux with glibc), else False.
     """
     if not sys.platform.startswith("linux"):
         return False
