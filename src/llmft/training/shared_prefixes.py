@@ -86,15 +86,16 @@ def wave_batches(plan: PrefixPlan, max_tokens: int, max_slots: int) -> list[list
     batches = []
     for _, members in sorted(by_wave.items()):
         batch: list[int] = []
+        tokens = prefix = 0  # the batch's real new tokens, its longest prefix
         for i in sorted(members, key=lambda i: (plan.new_length(i), plan.shared[i])):
             rows, length = len(batch) + 1, plan.new_length(i)  # the batch's longest so far
-            tokens = sum(plan.new_length(j) for j in batch) + length
-            prefix = max(plan.shared[j] for j in [*batch, i])
-            if batch and (rows * length > max_tokens or rows * (prefix + length) > max_slots
-                          or rows * length - tokens > MAX_PADDING * rows * length):
+            longest = max(prefix, plan.shared[i])
+            if batch and (rows * length > max_tokens or rows * (longest + length) > max_slots
+                          or rows * length - (tokens + length) > MAX_PADDING * rows * length):
                 batches.append(batch)
-                batch = []
+                batch, tokens, longest = [], 0, plan.shared[i]
             batch.append(i)
+            tokens, prefix = tokens + length, longest
         batches.append(batch)
     return batches
 
