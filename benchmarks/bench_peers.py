@@ -20,6 +20,8 @@ Pairs (peer first, the baseline of each ratio):
 - `sft`, `sft-masked`: TRL `SFTTrainer` on the book's instruction data in the Alpaca format
   (935 training examples), 1 epoch, batch 8, lr 5e-5, weight decay 0.1, loss on every token /
   completion-only loss, vs `llmft instruct train --prompt-style alpaca` / `--mask-prompt`.
+- `sft-grouped`: `sft` with llmft's `--group-by-length` (batches of similar lengths, still
+  shuffled: less padding, another data order; the peer runs as in `sft`).
 - `classify-lora`, `sft-lora`: the same through PEFT LoRA (rank 16, alpha 16, no dropout, on
   every linear layer of the blocks: the seven projections) vs `--finetune lora --lora-targets
   attn,mlp` (the same seven: llmft's default `all-linear` also wraps the output head, which
@@ -62,6 +64,7 @@ class Pair:
     mask: bool  # instruct: loss on the response only
     peer: str
     ours: str
+    llmft_flags: tuple[str, ...] = ()  # beyond the suite's hyperparameters
 
 
 PAIRS = {
@@ -70,6 +73,8 @@ PAIRS = {
     "classify-lora": Pair("classify", True, False, "transformers Trainer + PEFT LoRA",
                           "llmft classify train --finetune lora --lora-targets attn,mlp"),
     "sft": Pair("instruct", False, False, "TRL SFTTrainer, loss on all tokens", "llmft instruct train"),
+    "sft-grouped": Pair("instruct", False, False, "TRL SFTTrainer, loss on all tokens",
+                        "llmft instruct train --group-by-length", ("--group-by-length",)),
     "sft-masked": Pair("instruct", False, True, "TRL SFTTrainer, completion-only loss",
                        "llmft instruct train --mask-prompt"),
     "sft-lora": Pair("instruct", True, False, "TRL SFTTrainer + PEFT LoRA, all tokens",

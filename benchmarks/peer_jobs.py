@@ -327,7 +327,7 @@ def llmft_argv(spec: dict[str, Any], run: Path) -> list[str]:
         argv.append("--mask-prompt")
     if spec["lora"]:
         argv += ["--finetune", "lora", "--lora-targets", LLMFT_LORA_TARGETS]
-    return argv
+    return [*argv, *spec.get("llmft_flags", ())]
 
 
 def run_llmft(spec: dict[str, Any], run: Path, pipeline: Any) -> tuple[dict[str, Any], float]:
