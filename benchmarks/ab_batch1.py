@@ -48,7 +48,7 @@ def main() -> None:
     variants = {"plain": (False, 0, matched), "before: prepack + fallback guesses": (True, 3, fallback_draft),
                 "now: prepack + matched guesses": (True, 3, matched), "matched guesses": (False, 3, matched)}
     speeds: dict[str, list[float]] = {name: [] for name in variants}
-    same: dict[str, int] = {}
+    answers: dict[str, list[list[int]]] = {}
     for r in range(args.rounds):
         for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
             prepack, draft_tokens, draft = variants[name]
@@ -58,10 +58,10 @@ def main() -> None:
                 out = [row for prompt in prompts for row in g.generate_tokens(
                     model, [prompt], max_new_tokens=128, eos_ids=eos, draft_tokens=draft_tokens)]
             speeds[name].append(round(sum(map(len, out)) / (time.perf_counter() - began), 2))
-            same[name] = out
+            answers[name] = out
     g.prompt_lookup_draft = matched
     print(json.dumps({"tokens_per_second": speeds,
-                      "answers_equal_to_plain": {n: sum(a == b for a, b in zip(o, same["plain"])) for n, o in same.items()}}))
+                      "answers_equal_to_plain": {n: sum(a == b for a, b in zip(o, answers["plain"])) for n, o in answers.items()}}))
 
 
 if __name__ == "__main__":

@@ -25,33 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import spam_classifier, timed
+
 MAX_TOKENS = 2048  # ActivationStore's batch size in tokens
 
 
 def spam_setup():
-    """The main command's model and distinct training/validation/test token sequences."""
-    os.environ.setdefault("LLMFT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
-    from llmft.data.classification import label_names, longest
-    from llmft.pipelines.classification import ClassifyOptions, build_classifier, load_splits, make_loaders
-    from llmft.weights import load_pretrained
-
-    opts = ClassifyOptions(model="smollm2-135m-instruct", data="sms-spam", out=Path("/tmp/unused"))
-    splits = load_splits(opts)
-    labels = label_names(splits)
-    pretrained = load_pretrained(opts.model)
-    max_length = min(longest(splits.train, pretrained.tokenizer), pretrained.config.context_length)
-    loaders = make_loaders(splits, pretrained.tokenizer, labels, max_length, 8, 123, None)
-    model, _ = build_classifier(opts, pretrained, labels)
-    sequences = [ids for loader in loaders.values() for ids in loader.dataset.token_ids]
-    return model, sequences
+    """The main command's model and training/validation/test token sequences."""
+    model, loaders = spam_classifier()
+    return model, [ids for loader in loaders.values() for ids in loader.dataset.token_ids]
 
 
 def block_linears(model) -> list[tuple[str, torch.Tensor]]:
@@ -59,17 +45,15 @@ def block_linears(model) -> list[tuple[str, torch.Tensor]]:
     return [(name, module.weight) for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def wall(fn) -> float:
+    return timed(fn, "cpu")[0]
 
 
 def gemm_seconds(weight: torch.Tensor, rows: int, repeats: int) -> float:
     """The best time of x Wᵀ for x (rows, in)."""
     x = torch.randn(rows, weight.shape[1])
     torch.nn.functional.linear(x, weight)  # warm-up
-    return min(timed(lambda: torch.nn.functional.linear(x, weight)) for _ in range(repeats))
+    return min(wall(lambda: torch.nn.functional.linear(x, weight)) for _ in range(repeats))
 
 
 def gemm_limit(model, batch_rows: list[int], blocks: int, repeats: int) -> tuple[float, float]:
@@ -95,7 +79,7 @@ def pass_flops(model, sequences: list[tuple[int, ...]], blocks: int) -> float:
 def time_pass(model, sequences, start: int, share_prefixes: bool, passes: int) -> float:
     from llmft.training.activation_cache import ActivationStore
 
-    return min(timed(lambda: ActivationStore(model, sequences, start, torch.device("cpu"),
+    return min(wall(lambda: ActivationStore(model, sequences, start, torch.device("cpu"),
                                              share_prefixes=share_prefixes)) for _ in range(passes))
 
 

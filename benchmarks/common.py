@@ -244,6 +244,24 @@ def load_hf(folder: str, device: str):
 
 # -- the report --------------------------------------------------------------------------------
 
+def spam_classifier():
+    """The README main command's classifier (SmolLM2-135M-Instruct from the offline GGUF, the
+    default recipe) and its train/validation/test loaders (batch 8, seed 123)."""
+    os.environ.setdefault("LLMFT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    from llmft.data.classification import label_names, longest
+    from llmft.pipelines.classification import ClassifyOptions, build_classifier, load_splits, make_loaders
+    from llmft.weights import load_pretrained
+
+    opts = ClassifyOptions(model="smollm2-135m-instruct", data="sms-spam", out=Path("/tmp/unused"))
+    splits = load_splits(opts)
+    labels = label_names(splits)
+    pretrained = load_pretrained(opts.model)
+    max_length = min(longest(splits.train, pretrained.tokenizer), pretrained.config.context_length)
+    loaders = make_loaders(splits, pretrained.tokenizer, labels, max_length, 8, 123, None)
+    model, _ = build_classifier(opts, pretrained, labels)
+    return model, loaders
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

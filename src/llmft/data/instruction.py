@@ -6,7 +6,6 @@ list per entry, prompt style applied) -> `collate_instruction` (pad, shift, mask
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Mapping, Sequence
@@ -87,7 +86,8 @@ def split_instruction_data(entries: Sequence[dict], seed: int = 123,
                              validation=data[train_portion + test_portion:])
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items a and b share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -120,7 +120,7 @@ class InstructionDataset(Dataset):
             prompt = style.format(entry)
             ids = tokenizer.encode(prompt + style.response_text(entry))
             self.encoded_texts.append(ids)
-            self.prompt_lengths.append(_common_prefix_length(ids, tokenizer.encode(prompt)))
+            self.prompt_lengths.append(common_prefix_length(ids, tokenizer.encode(prompt)))
         limit = allowed_max_length
         self.n_truncated = 0 if limit is None else sum(len(ids) > limit for ids in self.encoded_texts)
         if self.n_truncated:

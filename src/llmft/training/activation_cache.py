@@ -104,9 +104,8 @@ class ActivationStore:
                 self._put(plan, batch, self._compute(backbone, plan, batch, kept, device))
                 bar.update(sum(map(plan.new_length, batch)))
         if w.size > 1:
-            for j, batch in enumerate(batches):
-                owner = j % w.size
-                self._put(plan, batch, broadcast(self._get(plan, batch), owner))
+            for j, batch in enumerate(batches):  # rank j % size computed batch j
+                self._put(plan, batch, broadcast(self._get(plan, batch), j % w.size))
         self._copy_prefixes(plan)
         backbone.train(was_training)
 

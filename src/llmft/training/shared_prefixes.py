@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmft.data.instruction import common_prefix_length
 from llmft.models.transformer import DecoderLM, KVCache
 
 Sequence = tuple[int, ...]
@@ -49,22 +50,13 @@ class PrefixPlan:
         return sum(map(self.new_length, range(len(self.sequences))))
 
 
-def common_prefix(a: Sequence, b: Sequence) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def plan_prefixes(distinct: list[Sequence], share: bool = True) -> PrefixPlan:
     """Who computes what; with `share` False, every sequence computes every token (wave 0).
 
     Later sequences read from sequence j only positions below the prefix it shares with j + 1
     (sorted order: no later sequence shares more with j), hence `keep`."""
     seqs = sorted(distinct)
-    shared = [0] + [common_prefix(a, b) for a, b in zip(seqs, seqs[1:])] if share else [0] * len(seqs)
+    shared = [0] + [common_prefix_length(a, b) for a, b in zip(seqs, seqs[1:])] if share else [0] * len(seqs)
     paths: list[list[Segment]] = []
     waves: list[int] = []
     for i, (seq, p) in enumerate(zip(seqs, shared)):
@@ -141,9 +133,9 @@ def run_after_prefixes(model: DecoderLM, new_ids: torch.Tensor, shared: torch.Te
 def gather_prefixes(plan: PrefixPlan, batch: list[int], kept: dict[int, torch.Tensor]) -> torch.Tensor:
     """(blocks, 2, B, H_kv, P, d): the keys and values of each row's shared prefix, right-aligned
     in P slots (the longest prefix), from the `kept` (blocks, 2, H_kv, keep, d) of their owners."""
-    P = max(plan.shared[i] for i in batch)
-    blocks, two, heads, _, d = next(iter(kept.values())).shape
-    out = torch.zeros(blocks, two, len(batch), heads, P, d, dtype=next(iter(kept.values())).dtype)
+    P, sample = max(plan.shared[i] for i in batch), next(iter(kept.values()))
+    blocks, two, heads, _, d = sample.shape
+    out = torch.zeros(blocks, two, len(batch), heads, P, d, dtype=sample.dtype)
     for row, i in enumerate(batch):
         parts = [kept[s.owner][..., s.begin - plan.shared[s.owner]:s.end - plan.shared[s.owner], :]
                  for s in plan.paths[i][:-1]]  # the last segment is the row's own new tokens
