@@ -4,8 +4,8 @@ import torch
 from llmft.errors import LlmftError
 from llmft import generation
 from llmft.generation import (
-    accept_draft, attention_mask, decoding_session, generate, generate_tokens, prompt_lookup_draft,
-    sample_next_token, stream_text, stream_tokens,
+    SHARED_PREFIX_MIN_TOKENS, accept_draft, attention_mask, decoding_session, generate, generate_tokens,
+    prompt_lookup_draft, sample_next_token, stream_text, stream_tokens,
 )
 from llmft.models import build_model, get_config
 from llmft.models.prepacked import can_prepack, prepacked_linears
@@ -85,6 +85,60 @@ def test_finished_rows_leave_the_batch(model):
     expected = [t[:t.index(eos)] if eos in t else t for t in alone]
     for use_cache in (True, False):
         assert generate_tokens(model, PROMPTS, max_new_tokens=16, eos_ids=[eos], use_cache=use_cache) == expected
+
+
+SHARED = list(range(200, 220))  # a 20-token "system prompt" that every prompt below begins with
+SUFFIXES = [[7, 8, 9], [31] * 6, [500, 501]]
+
+
+def embedded(model):
+    """The number of token ids each forward pass embeds (a list that grows), and its hook."""
+    counts = []
+    return counts, model.tok_emb.register_forward_hook(lambda m, args, out: counts.append(args[0].numel()))
+
+
+def test_shared_prefix_runs_once_and_keeps_the_output(model):
+    """A batch runs its common prefix once, then the rest of every row; one prompt after another
+    in a session reuses the prefix it shares with the one before. Same tokens as alone."""
+    assert len(SHARED) >= SHARED_PREFIX_MIN_TOKENS
+    prompts = [SHARED + s for s in SUFFIXES]
+    alone = [generate_tokens(model, [p], max_new_tokens=12)[0] for p in prompts]  # a fresh session each
+    counts, hook = embedded(model)
+    try:
+        assert generate_tokens(model, prompts, max_new_tokens=12) == alone
+        assert counts[:2] == [len(SHARED), 3 * max(map(len, SUFFIXES))]  # the prefix once, then the rest of each row
+        with decoding_session(model):
+            for i, (p, expected) in enumerate(zip(prompts, alone)):
+                counts.clear()
+                assert generate_tokens(model, [p], max_new_tokens=12) == [expected]
+                assert counts[0] == (len(p) if i == 0 else len(p) - len(SHARED))  # the prefill
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("window", [5, 64])
+def test_shared_prefix_under_a_sliding_window(window):
+    """Gemma 3's window counts slots: the prefix is shared only where the window cannot reach
+    past it (64 > every slot), and not with a window of 5, where the padding after the prefix
+    would hide keys that a row alone sees."""
+    cfg = get_config("gemma3-270m").with_(n_layers=3, emb_dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                                          hidden_dim=96, vocab_size=1000, context_length=64,
+                                          query_pre_attn_scalar=16, sliding_window=window, sliding_window_pattern=3)
+    torch.manual_seed(0)
+    gemma = build_model(cfg)
+    with torch.no_grad():
+        for p in gemma.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.35)
+    gemma = gemma.double().eval()
+    prompts = [SHARED + s for s in SUFFIXES]
+    alone = [generate_tokens(gemma, [p], max_new_tokens=12)[0] for p in prompts]
+    counts, hook = embedded(gemma)
+    try:
+        assert generate_tokens(gemma, prompts, max_new_tokens=12) == alone
+    finally:
+        hook.remove()
+    assert counts[0] == (len(SHARED) if window == 64 else 3 * (len(SHARED) + 6))
 
 
 def book_generate(model, ids, max_new_tokens):

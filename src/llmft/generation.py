@@ -20,6 +20,10 @@ without changing the greedy output: the Linear weights are prepacked for oneDNN'
 (`llmft.models.prepacked`, entered by `decoding_session`), and a single greedy row verifies a
 few guessed tokens per step (`prompt_lookup_draft`, `accept_draft`): every guess the model
 agrees with is a step saved.
+
+Prompts that begin alike (a chat template's system prompt) share that beginning's keys and
+values: a batch's common prefix is run once, and a session keeps the last prefix it ran
+(`PrefixStore`), so the next prompt or batch that starts with it skips those tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llmft.data.instruction import common_prefix_length
 from llmft.errors import LlmftError
 from llmft.models.prepacked import prepacked_linears
 
@@ -47,8 +52,9 @@ DECODE_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_AT
 # guesses are rarely kept; 3 answered the book's instructions fastest (see docs/benchmarks.md,
 # "Decoding defaults").
 DRAFT_TOKENS = 3
-
-_IN_SESSION: weakref.WeakSet = weakref.WeakSet()  # models inside a `decoding_session`
+# A batch's common prefix runs on its own (one row, then copied to every row) only when it is at
+# least this long: that extra pass reads every weight once, which a few tokens do not repay.
+SHARED_PREFIX_MIN_TOKENS = 16
 
 Steps = Iterator[dict[int, list[int]]]  # per step: prompt index -> its newly decided token ids
 
@@ -108,6 +114,44 @@ def attention_mask(key_valid: torch.Tensor, q_start: int, q_end: int) -> torch.T
     return ((key_valid[:, None, :] | (k == q)) & (k <= q)).unsqueeze(1)
 
 
+class PrefixStore:
+    """The keys and values of the last prompt prefix a decoding session ran, per layer (1, H_kv,
+    P, d) at positions 0..P-1: one entry, replaced by the next prefix that differs (like
+    llama.cpp's prompt cache). Requests that share a system prompt reuse its cache."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def known(self, tokens: Sequence[int]) -> int:
+        """How many leading `tokens` the store holds keys and values for."""
+        return common_prefix_length(self.tokens, tokens)
+
+    def extend(self, model: Any, tokens: Sequence[int]) -> None:
+        """Hold `tokens`: run the ones it does not know yet, as one row, after the ones it does."""
+        known = self.known(tokens)
+        model.set_kv_cache(1, len(tokens))
+        self.write(model, known)
+        ids = torch.tensor([list(tokens[known:])], device=model.tok_emb.weight.device)
+        model.hidden_states(ids, cache_pos=known)
+        self.remember(model, tokens)
+
+    def remember(self, model: Any, tokens: Sequence[int]) -> None:
+        """Hold `tokens`, whose keys and values the model's cache row 0 has at slots [0, len)."""
+        P = len(tokens)
+        self.tokens = list(tokens)
+        self.kv = [(b.attn.kv_cache.k[:1, :, :P].clone(), b.attn.kv_cache.v[:1, :, :P].clone()) for b in model.blocks]
+
+    def write(self, model: Any, n: int) -> None:
+        """Copy the first `n` held positions into slots [0, n) of every row of the model's cache."""
+        for block, (k, v) in zip(model.blocks, self.kv):
+            block.attn.kv_cache.k[:, :, :n] = k[:, :, :n]
+            block.attn.kv_cache.v[:, :, :n] = v[:, :, :n]
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its session's PrefixStore
+
+
 @contextmanager
 def decoding_session(model: Any, prepack: bool = True) -> Iterator[None]:
     """The model set up for decoding inside the block: eval mode, the decoding attention backends
@@ -115,19 +159,20 @@ def decoding_session(model: Any, prepack: bool = True) -> Iterator[None]:
 
     Every generation function enters it; a caller that generates several times (`instruct
     respond`'s batches) enters it once around them, so the weights are packed once. Inside a
-    session, entering it again changes nothing (the outer session's `prepack` holds).
+    session, entering it again changes nothing (the outer session's `prepack` holds). The
+    session's `PrefixStore` lives as long as it: the weights do not change inside.
     """
-    if model in _IN_SESSION:
+    if model in _SESSIONS:
         yield
         return
     was_training = model.training
     model.eval()
-    _IN_SESSION.add(model)
+    _SESSIONS[model] = PrefixStore()
     try:
         with sdpa_kernel(DECODE_ATTENTION_BACKENDS), prepacked_linears(model, prepack):
             yield
     finally:
-        _IN_SESSION.discard(model)
+        del _SESSIONS[model]
         model.train(was_training)
 
 
@@ -161,16 +206,22 @@ class DecodingState:
 
     def __init__(self, model: Any, rows: Sequence[list[int]], max_new_tokens: int, use_cache: bool,
                  width: int | None = None) -> None:
-        """`width`: the prompts' slots, at least the longest prompt (default: exactly that)."""
+        """`width`: the prompts' slots, at least the longest prompt (default: exactly that).
+
+        The rows' common prefix (`shared` tokens, see `_shareable`) fills the first slots of
+        every row and the padding follows it, so its keys and values are the same in every row.
+        """
         self.model, self.use_cache = model, use_cache
         device = model.tok_emb.weight.device
         B, T0 = len(rows), max(len(r) for r in rows) if width is None else width
         self.total = T0 + max_new_tokens
+        P = self.shared = self._shareable(rows)
         pad = torch.tensor([T0 - len(r) for r in rows], device=device)  # (B,)
-        self.seq = torch.tensor([[0] * (T0 - len(r)) + r for r in rows], device=device)  # (B, T0)
+        self.seq = torch.tensor([r[:P] + [0] * (T0 - len(r)) + r[P:] for r in rows], device=device)  # (B, T0)
         slots = torch.arange(self.total, device=device)
-        self.positions = (slots - pad[:, None]).clamp(min=0)  # (B, total): 0 at each first real token
-        self.key_valid = slots >= pad[:, None]  # (B, total)
+        # (B, total): the prefix at positions 0..P-1, the rest of each row counting on after its padding
+        self.positions = torch.where(slots < P, slots, (slots - pad[:, None]).clamp(min=P))
+        self.key_valid = (slots < P) | (slots >= P + pad[:, None])  # (B, total)
         self.padded = any(len(r) < T0 for r in rows)  # without padding, plain causal attention (mask None)
         self.active = list(range(B))  # the prompt of each batch row
         self.n_prompts = B  # prompts this batch has held: a joining one is numbered on from here
@@ -182,11 +233,39 @@ class DecodingState:
     def __exit__(self, *exc: object) -> None:
         self.model.clear_kv_cache()
 
+    def _shareable(self, rows: Sequence[list[int]]) -> int:
+        """How many leading tokens every row shares, short of each row's last token. 0 outside a
+        `decoding_session` or without the cache, and where a sliding window could reach past
+        the prefix: the window counts slots, and the padding after the prefix would widen it."""
+        window = self.model.cfg.sliding_window
+        if not self.use_cache or self.model not in _SESSIONS or (window and self.total > window):
+            return 0
+        return min(min(common_prefix_length(rows[0], r) for r in rows), min(map(len, rows)) - 1)
+
     def prefill(self) -> torch.Tensor:
-        """Run the prompts: next-token logits (B, 1, V)."""
-        if self.use_cache:
-            self.model.set_kv_cache(len(self.active), self.total)
-        return self._logits(0, [])
+        """Run the prompts: next-token logits (B, 1, V). The session's `PrefixStore` gives the
+        keys and values of the common prefix as far as it holds them, and holds it afterwards."""
+        if not self.use_cache:
+            return self._logits(0, [])
+        start = self._reuse_prefix()
+        logits = self._logits(start, [])
+        if self.shared > start:
+            _SESSIONS[self.model].remember(self.model, self.seq[0, :self.shared].tolist())
+        return logits
+
+    def _reuse_prefix(self) -> int:
+        """Make the model's cache, with the common prefix's stored keys and values in its first
+        slots; how many. A batch runs a long prefix the store lacks as one row first."""
+        B, P = len(self.active), self.shared
+        store, prefix = _SESSIONS.get(self.model), self.seq[0, :P].tolist()
+        known = store.known(prefix) if P else 0
+        if B > 1 and P - known >= SHARED_PREFIX_MIN_TOKENS:
+            store.extend(self.model, prefix)
+            known = P
+        self.model.set_kv_cache(B, self.total)
+        if known:
+            store.write(self.model, known)
+        return known
 
     def step(self, new: list[list[int]], draft: Sequence[int] = ()) -> torch.Tensor:
         """Append each row's decided tokens (`new`, as many for every row) and run them, then the
