@@ -26,7 +26,8 @@ Pairs (peer first, the baseline of each ratio):
   every linear layer of the blocks: the seven projections) vs `--finetune lora --lora-targets
   attn,mlp` (the same seven: llmft's default `all-linear` also wraps the output head, which
   PEFT's `all-linear` leaves out and TRL refuses to adapt); the classifier's new head is trained
-  whole on both sides.
+  whole on both sides. PEFT's A matrices start as llmft's do (`peer_jobs.start_like_llmft`:
+  PEFT's own default starts them 6-10× narrower, and then the losses did not compare).
 
 Every variant runs in its own process (`worker.py`), the two sides of a pair in ABBA order over
 `--rounds`, with `--threads` torch threads (default 1). Reported per variant: the wall time of the
