@@ -261,8 +261,8 @@ NOTES = [
     "weight decay (llmft decays every trainable parameter); llmft's classification head has a bias and "
     "`nn.Linear`'s initialisation, transformers' `score` none and a normal(0, 0.02) one; the data order "
     "(each side's own seeded shuffle); llmft computes the classifier's frozen blocks once (activation cache).",
-    "LoRA's A starts Kaiming-uniform on both sides, but llmft's A is an (in, rank) tensor (the book's layer), so its "
-    "fan-in is the rank: its A is sqrt(in / rank) times wider than PEFT's (fan-in = in): 6 times for in = 576, "
-    "9.8 for the MLP's down projection (in = 1536), and the "
-    "same learning rate moves llmft's adapters faster (B starts at zero on both sides).",
+    "LoRA's A starts alike on both sides: uniform in ±1/√rank, llmft's Kaiming-uniform over its (in, rank) A "
+    "(the book's layer), which the peer's A is re-drawn to match (`peer_jobs.start_like_llmft`; PEFT's own "
+    "default is sqrt(in / rank) times narrower: 6 times for in = 576, 9.8 for the MLP's down projection); B "
+    "starts at zero on both sides.",
 ]
