@@ -88,6 +88,8 @@ def add_arguments(group) -> None:
     group.add_argument("--limit", type=int, help="train on this many examples and evaluate on a few (smoke test; "
                        "--quick: 16)")
     group.add_argument("--peer-pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    group.add_argument("--peer-epochs", type=int, help="epochs for both sides of every pair instead of the recipe's "
+                       "(classify 5, instruct 1): a shorter check of the per-epoch speed")
 
 
 # -- the worker side -----------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def run(args) -> Section:
             def spec_for(side: str, name: str = name, pair: Pair = pair) -> dict[str, Any]:
                 return {"suite": "peers", "label": f"peers {name} {side}", "pair": name, "side": side,
                         "weights": export["folder"], "threads": threads, "data": data[pair.task],
-                        **asdict(pair)}
+                        "epochs": args.peer_epochs, **asdict(pair)}
 
             results[name] = run_interleaved(list(SIDES), args.rounds, spec_for)
     return section(args, threads, export, results)
@@ -228,6 +230,8 @@ def section(args, threads: int, export: dict[str, Any], results: dict[str, dict[
     rows = [row for name, sides in results.items() for row in pair_rows(name, sides)]
     size = (f"**--limit {args.limit}**: {args.limit} training examples and a few to evaluate — a smoke test of "
             "the machinery, not a measurement" if args.limit else "the whole data sets")
+    if args.peer_epochs:
+        size += f", **{args.peer_epochs} epoch(s)** on both sides instead of the recipe's"
     return Section(
         title="Peers: llmft vs transformers Trainer, TRL SFTTrainer and PEFT (same weights, data, split, "
               "hyperparameters)",

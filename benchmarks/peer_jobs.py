@@ -132,12 +132,16 @@ def count_trainable(model) -> int:
 
 # -- the peers: transformers Trainer, TRL SFTTrainer, PEFT ------------------------------------
 
-def trainer_arguments(cls, task: str, out: Path, **extra: Any):
+def hyperparameters(spec: dict[str, Any]) -> dict[str, Any]:
+    """The pair's task's `HP`, with the suite's `--peer-epochs` (spec `epochs`) where given."""
+    return {**HP[spec["task"]], **({"epochs": spec["epochs"]} if spec.get("epochs") else {})}
+
+
+def trainer_arguments(cls, hp: dict[str, Any], out: Path, **extra: Any):
     """llmft's recipe in `TrainingArguments` terms: AdamW (fused, like llmft's), constant lr, no
     warm-up, no gradient clipping (llmft clips only when asked), fp32, no gradient checkpointing
     (TRL's default is on, llmft's off), the last partial training batch dropped (llmft's loaders
     drop it), no evaluation or checkpoint while training."""
-    hp = HP[task]
     return cls(output_dir=str(out), num_train_epochs=hp["epochs"], per_device_train_batch_size=hp["batch_size"],
                per_device_eval_batch_size=EVAL_BATCH, learning_rate=hp["lr"], weight_decay=hp["weight_decay"],
                lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, optim="adamw_torch_fused",
@@ -224,7 +228,7 @@ def hf_classify(spec: dict[str, Any], tmp: Path) -> Job:
     data = {name: hf_classification_data(getattr(splits, name), labels, tokenizer, max_length)
             for name in ("train", "test")}
     model = hf_classifier(spec, len(labels))
-    trainer = transformers.Trainer(model=model, args=trainer_arguments(transformers.TrainingArguments, "classify",
+    trainer = transformers.Trainer(model=model, args=trainer_arguments(transformers.TrainingArguments, hyperparameters(spec),
                                                                        tmp / "hf"),
                                    train_dataset=data["train"],
                                    data_collator=transformers.DataCollatorWithPadding(tokenizer))
@@ -266,7 +270,7 @@ def sft_trainer(spec: dict[str, Any], splits, tmp: Path):
     from trl import SFTConfig, SFTTrainer
 
     masked = spec["mask"]
-    config = trainer_arguments(SFTConfig, "instruct", tmp / "trl", max_length=None, packing=False,
+    config = trainer_arguments(SFTConfig, hyperparameters(spec), tmp / "trl", max_length=None, packing=False,
                                completion_only_loss=masked)
     return SFTTrainer(
         model=transformers.AutoModelForCausalLM.from_pretrained(spec["weights"], attn_implementation="sdpa"),
@@ -318,8 +322,7 @@ def sft_ids_agree(prepared, entries: list[dict], tokenizer, masked: bool) -> str
 
 # -- llmft: the command line, in this process -------------------------------------------------
 
-def hp_flags(task: str) -> list[str]:
-    hp = HP[task]
+def hp_flags(hp: dict[str, Any]) -> list[str]:
     return ["--epochs", str(hp["epochs"]), "--batch-size", str(hp["batch_size"]), "--lr", str(hp["lr"]),
             "--weight-decay", str(hp["weight_decay"]), "--seed", str(SEED)]
 
@@ -338,7 +341,7 @@ def llmft_argv(spec: dict[str, Any], run: Path) -> list[str]:
     classify: its defaults); instruct in the Alpaca format with no periodic evaluation."""
     task = spec["task"]
     argv = [task, "train", "--model", spec["weights"], "--out", str(run), "--threads", str(spec["threads"]),
-            *hp_flags(task), *data_flags(task, spec["data"])]
+            *hp_flags(hyperparameters(spec)), *data_flags(task, spec["data"])]
     if task == "instruct":
         argv += ["--prompt-style", "alpaca", "--eval-freq", str(NO_PERIODIC_EVAL)]
     if spec["mask"]:
@@ -378,10 +381,10 @@ def llmft_classify(spec: dict[str, Any], tmp: Path) -> Job:
 
     results, loop = run_llmft(spec, tmp / "run", pipeline)
     splits = classify_splits(spec["data"])
-    batch = HP["classify"]["batch_size"]
+    hp = hyperparameters(spec)
     figures = {"train_seconds": loop, "test_accuracy": results["test_accuracy"], "max_length": results["max_length"],
                "trainable_parameters": results["trainable_parameters"], "train_examples": len(splits.train),
-               "steps": HP["classify"]["epochs"] * (len(splits.train) // batch), "test_examples": len(splits.test)}
+               "steps": hp["epochs"] * (len(splits.train) // hp["batch_size"]), "test_examples": len(splits.test)}
     return figures, lambda: {"same_split": split_matches(tmp / "run", dict(splits.items()), ".csv")}
 
 
@@ -389,10 +392,10 @@ def llmft_instruct(spec: dict[str, Any], tmp: Path) -> Job:
     import llmft.pipelines.instruction as pipeline
 
     results, loop = run_llmft(spec, tmp / "run", pipeline)
-    splits = instruct_splits(spec["data"])
+    splits, hp = instruct_splits(spec["data"]), hyperparameters(spec)
     figures = {"train_seconds": loop, "own_val_loss": results["full_val_loss_after"],
                "trainable_parameters": results["trainable_parameters"], "train_examples": len(splits.train),
-               "steps": HP["instruct"]["epochs"] * (len(splits.train) // HP["instruct"]["batch_size"])}
+               "steps": hp["epochs"] * (len(splits.train) // hp["batch_size"])}
 
     def after() -> Figures:
         from llmft.checkpoint import load_finetuned
