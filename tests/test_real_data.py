@@ -8,7 +8,6 @@ import csv
 import dataclasses
 import io
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +80,6 @@ def test_long_texts_are_described_estimated_and_capped_before_the_work(long_text
     cache = [r for r in records if r.startswith("estimate: activation cache pass (blocks 0-0, ")]
     epoch = [r for r in records if r.startswith("estimate: one epoch (28 training texts")]
     assert len(cache) == 1 and "GFLOP/s)" in cache[0]
-    filled = next(r for r in records if r.startswith("activation cache: blocks 0-0 over "))
-    tokens, computed = re.search(r"\((\d+) tokens, (\d+) computed\)", filled).groups()
-    assert f"{int(computed):,} of their {int(tokens):,} tokens computed" in cache[0]  # the plan the pass runs
     assert len(epoch) == 1 and "1 epoch and the final evaluation ~" in epoch[0]
     order = [i for i, r in enumerate(records) if r.startswith(("text lengths", "estimate:", "activation cache:"))]
     assert [records[i].split(":")[0] for i in order] == ["text lengths", "estimate", "estimate", "activation cache",
@@ -119,7 +115,6 @@ def test_max_length_longest_restores_the_books_rule(long_texts, tmp_path, gpt2_t
 def test_estimate_counts_padding_and_attention():
     cost = BlockCost(params=1000, layers=2, width=8)
     assert cost.total([10]) == 2 * 1000 * 10 + 2 * 2 * 8 * 100
-    assert cost.total([10], [4]) == 2 * 1000 * 4 + 2 * 2 * 8 * 4 * 10  # 4 new tokens after a shared prefix of 6
     assert padded_lengths([1, 5, 2, 2], 2) == [5, 5, 2, 2]  # in order: batches (1, 5) and (2, 2)
     assert padded_lengths([1, 5, 2, 2], 2, "grouped") == [2, 2, 5, 5]  # (1, 2) and (2, 5)
     assert padded_lengths([1, 5, 2], 2, pad_to=9) == [9, 9, 9]

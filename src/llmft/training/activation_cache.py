@@ -45,22 +45,6 @@ def cache_start(model: SequenceClassifier) -> int:
     return first_trainable_block(model.backbone)
 
 
-def cache_plan(model: SequenceClassifier, start: int, distinct: list[tuple[int, ...]], share: bool = True,
-               max_memory_bytes: int = 4 << 30, quiet: bool = False) -> PrefixPlan:
-    """What the cache pass over blocks 0..start-1 computes for the `distinct` texts: shared
-    prefixes once where that applies, i.e. one process (ranks would have to exchange keys and
-    values between waves) and kept keys and values within a quarter of `max_memory_bytes`."""
-    plan = plan_prefixes(distinct, share=share and world().size == 1)
-    cfg = model.backbone.cfg
-    kv_bytes = sum(plan.keep) * start * 2 * cfg.n_kv_heads * cfg.head_dim * 4
-    if kv_bytes > max_memory_bytes // 4:
-        if not quiet:
-            log.info("activation cache: shared prefixes computed for every text (their keys and values "
-                     "would take %.1f GiB)", kv_bytes / 2**30)
-        plan = plan_prefixes(distinct, share=False)
-    return plan
-
-
 class ActivationStore:
     """The input of block `start` (T_i, emb_dim) for every distinct token sequence, computed once.
 
@@ -73,7 +57,7 @@ class ActivationStore:
     def __init__(self, model: SequenceClassifier, sequences: list[list[int]], start: int, device: torch.device,
                  max_tokens: int = 2048, max_memory_bytes: int = 4 << 30, share_prefixes: bool = True) -> None:
         self.start = start
-        plan = cache_plan(model, start, list(dict.fromkeys(map(tuple, sequences))), share_prefixes, max_memory_bytes)
+        plan = self._plan(model, list(dict.fromkeys(map(tuple, sequences))), share_prefixes, max_memory_bytes)
         ends = np.cumsum([len(ids) for ids in plan.sequences])
         self.spans = {ids: (int(end) - len(ids), int(end)) for ids, end in zip(plan.sequences, ends)}
         rows, emb_dim, dtype = int(ends[-1]) if len(ends) else 0, model.backbone.cfg.emb_dim, np.float32
@@ -89,6 +73,19 @@ class ActivationStore:
         began = time.perf_counter()
         self._fill(model, plan, device, max_tokens)
         log.info("activation cache: filled in %.1f s", time.perf_counter() - began)
+
+    def _plan(self, model: SequenceClassifier, distinct: list[tuple[int, ...]], share: bool,
+              max_memory_bytes: int) -> PrefixPlan:
+        """Shared prefixes once where that applies: one process (ranks would have to exchange
+        keys and values between waves) and kept keys and values within a quarter of the memory."""
+        plan = plan_prefixes(distinct, share=share and world().size == 1)
+        cfg = model.backbone.cfg
+        kv_bytes = sum(plan.keep) * self.start * 2 * cfg.n_kv_heads * cfg.head_dim * 4
+        if kv_bytes > max_memory_bytes // 4:
+            log.info("activation cache: shared prefixes computed for every text (their keys and values "
+                     "would take %.1f GiB)", kv_bytes / 2**30)
+            plan = plan_prefixes(distinct, share=False)
+        return plan
 
     @torch.no_grad()
     def _fill(self, model: SequenceClassifier, plan: PrefixPlan, device: torch.device, max_tokens: int) -> None:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from llmft.training.activation_cache import cache_plan
 from llmft.training.heads import SequenceClassifier
 from llmft.training.loop import TrainConfig, autocast
 
@@ -40,11 +39,8 @@ class BlockCost:
         blocks, cfg = model.backbone.blocks[start:stop], model.backbone.cfg
         return cls(sum(p.numel() for b in blocks for p in b.parameters()), len(blocks), cfg.n_heads * cfg.head_dim)
 
-    def total(self, lengths: Sequence[int], computed: Sequence[int] | None = None) -> float:
-        """FLOPs over texts of `lengths` tokens, of which the last `computed` run (default: all;
-        the others are a shared prefix computed once: keys and values to attend to)."""
-        computed = lengths if computed is None else computed
-        return sum(2.0 * self.params * m + 2.0 * self.layers * self.width * m * n for n, m in zip(lengths, computed))
+    def total(self, lengths: Iterable[int]) -> float:
+        return sum(2.0 * self.params * n + 2.0 * self.layers * self.width * n * n for n in lengths)
 
 
 def padded_lengths(lengths: Sequence[int], batch_size: int, order: str = "in-order", pad_to: int | None = None,
@@ -151,15 +147,11 @@ def estimate_lines(model: SequenceClassifier, task: Any, datasets: dict[str, Any
     lines = []
     if start:
         prefix, probed = BlockCost.of(model, 0, start), [probe.length] * probe.rows
-        plan = cache_plan(model, start, list({tuple(ids) for data in datasets.values() for ids in data.token_ids}),
-                          quiet=True)
-        distinct = [len(ids) for ids in plan.sequences]
-        computed = [plan.new_length(i) for i in range(len(distinct))]
-        flops, rate = prefix.total(distinct, computed), prefix.total(probed) / probe.prefix
+        distinct = [len(ids) for ids in {tuple(ids) for data in datasets.values() for ids in data.token_ids}]
+        flops, rate = prefix.total(distinct), prefix.total(probed) / probe.prefix
         lines.append(f"estimate: activation cache pass (blocks 0-{start - 1}, {len(distinct):,} distinct texts, "
-                     f"{sum(computed):,} of their {sum(distinct):,} tokens computed, {flops / 1e12:.2f} TFLOP) "
-                     f"~{duration(flops / rate)} (a {probe.rows} x {probe.length}-token probe ran "
-                     f"{rate / 1e9:.0f} GFLOP/s)")
+                     f"{sum(distinct):,} tokens, {flops / 1e12:.2f} TFLOP) ~{duration(flops / rate)} "
+                     f"(a {probe.rows} x {probe.length}-token probe ran {rate / 1e9:.0f} GFLOP/s)")
     epoch, final = training_seconds(probe, BlockCost.of(model, start, len(model.backbone.blocks)), lengths, cfg, pad_to)
     lines.append(f"estimate: one epoch ({len(lengths['train']):,} training texts, with its evaluations) "
                  f"~{duration(epoch)}; {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} and the final evaluation "
