@@ -46,6 +46,22 @@ def test_reload_evaluates_and_predicts(spam_run):
     assert all(0.5 < p <= 1 for _, p in labels)
 
 
+def test_each_split_runs_once_for_accuracy_and_report(spam_run, monkeypatch):
+    """The metrics report takes its scores from the accuracy pass over each split: no second pass,
+    and the same report a second pass gives."""
+    import llmft.pipelines.classification as pipeline
+
+    out, _ = spam_run
+    passes, scoring = [], pipeline.predicted_probabilities
+    monkeypatch.setattr(pipeline, "predicted_probabilities", lambda *a, **k: passes.append(1) or scoring(*a, **k))
+    once = evaluate_run(out, device="cpu")
+    assert passes == []
+    metrics = pipeline.final_metrics
+    monkeypatch.setattr(pipeline, "final_metrics", lambda *a, **k: (metrics(*a, **k)[0], {}))
+    twice = evaluate_run(out, device="cpu")
+    assert len(passes) == 2 and twice == once  # test and validation scored again: the same report
+
+
 def test_cli_predict_and_eval(spam_run, capsys):
     out, _ = spam_run
     assert main(["classify", "predict", str(out), "Free entry! Txt WIN to 80086 now"]) == 0

@@ -125,9 +125,11 @@ class ClassificationTask:
 
 @torch.no_grad()
 def evaluate(runner: nn.Module, task: ClassificationTask, batches, device: torch.device,
-             num_batches: int | None = None, precision: str = "32") -> tuple[float, float]:
+             num_batches: int | None = None, precision: str = "32",
+             scores: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[float, float]:
     """(accuracy, mean batch loss) over the first `num_batches` batches (all when None), in one
-    pass; `runner` is `TaskModule(model, task)` (maybe wrapped); several ranks' counts are summed."""
+    pass; `runner` is `TaskModule(model, task)` (maybe wrapped); several ranks' counts are summed.
+    `scores`: a list that gets each batch's (labels, every label's probability)."""
     was_training = runner.training
     runner.eval()
     counts = torch.zeros(2, dtype=torch.float64)  # correct, total
@@ -138,6 +140,8 @@ def evaluate(runner: nn.Module, task: ClassificationTask, batches, device: torch
         batch = to_device(batch, device)
         with autocast(device, precision):
             logits = runner(batch, "logits")
+        if scores is not None:
+            scores.append((batch["labels"].cpu(), torch.softmax(logits.float(), -1).cpu()))
         counts += torch.tensor([(logits.argmax(-1) == batch["labels"]).sum().item(), batch["labels"].shape[0]])
         if world().size == 1:
             loss_sum += nn.functional.cross_entropy(logits.float(), batch["labels"]).item()
@@ -276,14 +280,15 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
         began = time.perf_counter()
         history = train(model, task, loaders["train"], loaders["validation"], opts.train,
                         run.metrics() if w.is_main else None, checkpoints=opts.checkpoints(run))
-        results = final_metrics(model, task, loaders, device, opts.train.precision)
+        results, scored_splits = final_metrics(model, task, loaders, device, opts.train.precision)
         trainable, total = count_parameters(model)
         results.update(train_seconds=round(time.perf_counter() - began, 2), peak_memory_mb=peak_memory_mb(device),
                        trainable_parameters=trainable, total_parameters=total, max_length=meta.max_length,
                        source=pretrained.source)
         if w.is_main:
             results["report"], scored = metrics_report(model, task, loaders, meta.labels, device, "test split",
-                                                       max_fpr=opts.max_fpr, precision=opts.train.precision)
+                                                       max_fpr=opts.max_fpr, precision=opts.train.precision,
+                                                       known=scored_splits)
             run.write_results(results)
             plot_history(history, run)
             plot_report(meta.labels, scored, "test split", run)
@@ -306,12 +311,18 @@ def surgery(model: SequenceClassifier, opts: ClassifyOptions) -> str:
 
 
 def final_metrics(model: nn.Module, task: ClassificationTask, loaders: dict[str, Any], device: torch.device,
-                  precision: str = "32") -> dict[str, Any]:
+                  precision: str = "32") -> tuple[dict[str, Any], dict[str, Scored]]:
+    """Accuracy and loss of every split; in one process also each split's scores for the
+    metrics report, from the same pass (under torchrun each rank sees only its share)."""
     out: dict[str, Any] = {}
+    scored: dict[str, Scored] = {}
     runner = TaskModule(model, task)
     for name, loader in loaders.items():
-        out[f"{name}_accuracy"], out[f"{name}_loss"] = evaluate(runner, task, loader, device, None, precision)
-    return out
+        scores: list | None = [] if world().size == 1 else None
+        out[f"{name}_accuracy"], out[f"{name}_loss"] = evaluate(runner, task, loader, device, None, precision, scores)
+        if scores:
+            scored[name] = torch.cat([s[0] for s in scores]).numpy(), torch.cat([s[1] for s in scores]).numpy()
+    return out, scored
 
 
 def plot_history(history, run: RunDir) -> None:
@@ -349,12 +360,13 @@ def predicted_probabilities(runner: nn.Module, batches, device: torch.device, pr
 
 def metrics_report(model: nn.Module, task: ClassificationTask, loaders: dict[str, Any], labels: list[str],
                    device: torch.device, title: str, evaluated: str = "test", max_fpr: float = DEFAULT_MAX_FPR,
-                   precision: str = "32") -> tuple[dict[str, Any], Scored]:
+                   precision: str = "32", known: dict[str, Scored] | None = None) -> tuple[dict[str, Any], Scored]:
     """The metrics report (`classification_report`, called `title`) of the whole `evaluated`
-    split, its threshold chosen on the validation split; and the evaluated scores, for plots."""
-    runner = TaskModule(model, task)
-    scored = {name: predicted_probabilities(runner, getattr(loaders[name], "loader", loaders[name]), device,
-                                            precision) for name in {evaluated, "validation"}}
+    split, its threshold chosen on the validation split; and the evaluated scores, for plots.
+    `known`: splits already scored (`final_metrics`), not run again."""
+    runner, known = TaskModule(model, task), known or {}
+    scored = {name: known[name] if name in known else predicted_probabilities(
+        runner, getattr(loaders[name], "loader", loaders[name]), device, precision) for name in {evaluated, "validation"}}
     return classification_report(title, labels, scored[evaluated], scored["validation"], max_fpr), scored[evaluated]
 
 
@@ -385,10 +397,10 @@ def evaluate_run(run_dir: Path, batch_size: int = 8, device: str = "auto", data:
     dev = resolve_device(device)
     model.to(dev)
     task = ClassificationTask(loaders["validation"], loaders["validation"], 0, dev)
-    results = {} if data else final_metrics(model, task, loaders, dev)
+    results, known = ({}, {}) if data else final_metrics(model, task, loaders, dev)
     title = str(data) if data else "test split"
     results["report"], scored = metrics_report(model, task, loaders, meta.labels, dev, title,
-                                               "data" if data else "test", max_fpr)
+                                               "data" if data else "test", max_fpr, known=known)
     folder = run.evaluation(data)
     atomic_write_json(folder.file(RunDir.EVALUATION), results["report"])
     plot_report(meta.labels, scored, title, folder)
