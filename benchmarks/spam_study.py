@@ -22,7 +22,6 @@ validation and test accuracy (whole splits) and of the wall time.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform

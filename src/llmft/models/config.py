@@ -7,7 +7,7 @@ A config fully describes an architecture's shape. The pipelines only ever see a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from llmft.errors import LlmftError
