@@ -58,6 +58,7 @@ ROWS = {
     "smollm2-mean": Row(SMOLLM2, ("--class-token", "mean")),
     "gemma-mean": Row(GEMMA, ("--class-token", "mean")),
     "gemma-2blocks-mean": Row(GEMMA, ("--trainable", "last-two-blocks", "--class-token", "mean")),
+    "gemma-mean-3ep": Row(GEMMA, ("--class-token", "mean", "--epochs", "3")),
     "smollm2-lora-all": Row(SMOLLM2, ("--finetune", "lora", "--lr", "5e-4"), "LoRA r16 on every Linear"),
     "gemma-lora-all": Row(GEMMA, ("--finetune", "lora", "--lr", "5e-4"), "LoRA r16 on every Linear"),
     "smollm2-all": Row(SMOLLM2, ("--trainable", "all")),
