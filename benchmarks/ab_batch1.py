@@ -14,16 +14,11 @@ how many answers equal the plain path's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-import torch
-
 import bench_answer
 import llmft.generation as g
-from llmft.training.resources import keep_freed_memory
-from llmft.weights import load_pretrained
 
 
 def fallback_draft(tokens, max_tokens: int, max_ngram: int = 3) -> list[int]:
@@ -36,14 +31,8 @@ def fallback_draft(tokens, max_tokens: int, max_ngram: int = 3) -> list[int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=2)
-    args = p.parse_args()
-    keep_freed_memory()
-    torch.set_num_threads(1)
-    prompts, eos, _ = bench_answer._prompts(args.prompts)
-    model = load_pretrained(bench_answer.MODEL).model.eval()
+    args = bench_answer.ab_arguments(__doc__, prompts=8, rounds=2)
+    model, prompts, eos = bench_answer.one_process(args.prompts)
     matched = g.prompt_lookup_draft
     variants = {"plain": (False, 0, matched), "before: prepack + fallback guesses": (True, 3, fallback_draft),
                 "now: prepack + matched guesses": (True, 3, matched), "matched guesses": (False, 3, matched)}

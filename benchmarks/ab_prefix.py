@@ -13,16 +13,11 @@ token ids each variant embedded, and whether the first tokens agree.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
-import torch
-
 import bench_answer
 import llmft.generation as g
-from llmft.training.resources import keep_freed_memory
-from llmft.weights import load_pretrained
 
 
 def first_tokens(model, prompts, eos, batch: int, share: bool) -> tuple[float, int, list[list[int]]]:
@@ -44,14 +39,8 @@ def first_tokens(model, prompts, eos, batch: int, share: bool) -> tuple[float, i
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=4)
-    args = p.parse_args()
-    keep_freed_memory()
-    torch.set_num_threads(1)
-    prompts, eos, _ = bench_answer._prompts(args.prompts)
-    model = load_pretrained(bench_answer.MODEL).model.eval()
+    args = bench_answer.ab_arguments(__doc__, prompts=16, rounds=4)
+    model, prompts, eos = bench_answer.one_process(args.prompts)
     shared = min(g.common_prefix_length(prompts[0], q) for q in prompts)
     report: dict = {"prompts": len(prompts), "prompt_tokens": sum(map(len, prompts)), "shared_prefix_tokens": shared}
     for batch in (1, 8):

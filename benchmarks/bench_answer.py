@@ -81,30 +81,54 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return {"batches": out}
 
 
-def _prompts(count: int) -> tuple[list[list[int]], list[int], str]:
+def _prompts(tokenizer, count: int) -> tuple[list[list[int]], list[int], str]:
     """Token ids of the first `count` test instructions in the model's chat template (longest
     first), the template's stop ids, and the template's name."""
     from llmft.data.instruction import load_instruction_data, split_instruction_data
     from llmft.prompts import default_prompt_style
-    from llmft.weights import load_pretrained
 
-    pretrained = load_pretrained(MODEL)
-    tokenizer = pretrained.tokenizer
     style = default_prompt_style(tokenizer)
     _, test, _ = split_instruction_data(load_instruction_data("instruction-data"))
     prompts = sorted((tokenizer.encode(style.format(e)) for e in test[:count]), key=len, reverse=True)
     return prompts, style.stop_token_ids(tokenizer), type(style).__name__
 
 
+def one_process(count: int):
+    """What the one-process A/B scripts (`ab_batch1.py`, `ab_prefix.py`, `profile_step.py`) start
+    from: glibc keeping freed memory (as the CLI does), 1 torch thread, the model in eval mode,
+    and the first `count` prompts with their stop ids, from one load of the offline GGUF."""
+    import torch
+
+    from llmft.training.resources import keep_freed_memory
+    from llmft.weights import load_pretrained
+
+    keep_freed_memory()
+    torch.set_num_threads(1)
+    pretrained = load_pretrained(MODEL)
+    prompts, eos, _ = _prompts(pretrained.tokenizer, count)
+    return pretrained.model.eval(), prompts, eos
+
+
+def ab_arguments(doc: str, prompts: int, rounds: int):
+    """The A/B scripts' command line: `--prompts` and `--rounds`, with these defaults."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, default=prompts)
+    p.add_argument("--rounds", type=int, default=rounds)
+    return p.parse_args()
+
+
 def run(args) -> Section:
     from llmft.weights import load_pretrained
     from llmft.weights.huggingface import export_hf
 
-    prompts, eos, style = _prompts(args.answer_prompts)
+    pretrained = load_pretrained(MODEL)
+    prompts, eos, style = _prompts(pretrained.tokenizer, args.answer_prompts)
     rows, raw = [], []
     with tempfile.TemporaryDirectory(prefix="llmft-bench-") as tmp:
         folder = Path(tmp) / MODEL
-        export_hf(load_pretrained(MODEL).model, folder)
+        export_hf(pretrained.model, folder)
 
         def spec_for(impl: str) -> dict[str, Any]:
             return {"suite": "answer", "label": f"answer {impl}", "impl": impl, "weights": str(folder),

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bench_answer
 import llmft.generation as g
-from llmft.training.resources import keep_freed_memory
-from llmft.weights import load_pretrained
 
 NEW_TOKENS = 64
 
@@ -29,10 +26,7 @@ def answer(model, prompt: list[int]) -> None:
 
 
 def main() -> None:
-    keep_freed_memory()
-    torch.set_num_threads(1)
-    prompts, _, _ = bench_answer._prompts(2)
-    model = load_pretrained(bench_answer.MODEL).model.eval()
+    model, prompts, _ = bench_answer.one_process(2)
     for prepack in (True, False):
         with g.decoding_session(model, prepack=prepack):
             answer(model, prompts[0])  # warm-up

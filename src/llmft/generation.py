@@ -247,17 +247,18 @@ class DecodingState:
         keys and values of the common prefix as far as it holds them, and holds it afterwards."""
         if not self.use_cache:
             return self._logits(0, [])
-        start = self._reuse_prefix()
+        prefix = self.seq[0, :self.shared].tolist()
+        start = self._reuse_prefix(prefix)
         logits = self._logits(start, [])
-        if self.shared > start:
-            _SESSIONS[self.model].remember(self.model, self.seq[0, :self.shared].tolist())
+        if len(prefix) > start:
+            _SESSIONS[self.model].remember(self.model, prefix)
         return logits
 
-    def _reuse_prefix(self) -> int:
-        """Make the model's cache, with the common prefix's stored keys and values in its first
-        slots; how many. A batch runs a long prefix the store lacks as one row first."""
-        B, P = len(self.active), self.shared
-        store, prefix = _SESSIONS.get(self.model), self.seq[0, :P].tolist()
+    def _reuse_prefix(self, prefix: list[int]) -> int:
+        """Make the model's cache, with the stored keys and values of the common `prefix` in its
+        first slots; how many. A batch runs a long prefix the store lacks as one row first."""
+        B, P = len(self.active), len(prefix)
+        store = _SESSIONS.get(self.model)
         known = store.known(prefix) if P else 0
         if B > 1 and P - known >= SHARED_PREFIX_MIN_TOKENS:
             store.extend(self.model, prefix)
