@@ -141,7 +141,7 @@ def evaluate(runner: nn.Module, task: ClassificationTask, batches, device: torch
         with autocast(device, precision):
             logits = runner(batch, "logits")
         if scores is not None:
-            scores.append((batch["labels"].cpu(), torch.softmax(logits.float(), -1).cpu()))
+            scores.append(batch_scores(batch, logits))
         counts += torch.tensor([(logits.argmax(-1) == batch["labels"]).sum().item(), batch["labels"].shape[0]])
         if world().size == 1:
             loss_sum += nn.functional.cross_entropy(logits.float(), batch["labels"]).item()
@@ -321,7 +321,7 @@ def final_metrics(model: nn.Module, task: ClassificationTask, loaders: dict[str,
         scores: list | None = [] if world().size == 1 else None
         out[f"{name}_accuracy"], out[f"{name}_loss"] = evaluate(runner, task, loader, device, None, precision, scores)
         if scores:
-            scored[name] = torch.cat([s[0] for s in scores]).numpy(), torch.cat([s[1] for s in scores]).numpy()
+            scored[name] = joined_scores(scores)
     return out, scored
 
 
@@ -347,15 +347,24 @@ def predicted_probabilities(runner: nn.Module, batches, device: torch.device, pr
     reduced over ranks)."""
     was_training = runner.training
     runner.eval()
-    labels, probabilities = [], []
+    scores = []
     for batch in batches:
         batch = to_device(batch, device)
         with autocast(device, precision):
             logits = runner(batch, "logits")
-        labels.append(batch["labels"].cpu())
-        probabilities.append(torch.softmax(logits.float(), -1).cpu())
+        scores.append(batch_scores(batch, logits))
     runner.train(was_training)
-    return torch.cat(labels).numpy(), torch.cat(probabilities).numpy()
+    return joined_scores(scores)
+
+
+def batch_scores(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's true labels and every label's probability, on the CPU."""
+    return batch["labels"].cpu(), torch.softmax(logits.float(), -1).cpu()
+
+
+def joined_scores(scores: list[tuple[torch.Tensor, torch.Tensor]]) -> Scored:
+    """Batches' `batch_scores` as one `Scored` (labels (N,), probabilities (N, C))."""
+    return torch.cat([s[0] for s in scores]).numpy(), torch.cat([s[1] for s in scores]).numpy()
 
 
 def metrics_report(model: nn.Module, task: ClassificationTask, loaders: dict[str, Any], labels: list[str],
