@@ -28,6 +28,8 @@ Pairs (peer first, the baseline of each ratio):
   PEFT's `all-linear` leaves out and TRL refuses to adapt); the classifier's new head is trained
   whole on both sides. PEFT's A matrices start as llmft's do (`peer_jobs.start_like_llmft`:
   PEFT's own default starts them 6-10× narrower, and then the losses did not compare).
+- `classify-lora-grouped`: `classify-lora` with llmft's `--group-by-length` (the peer as in
+  `classify-lora`).
 
 Every variant runs in its own process (`worker.py`), the two sides of a pair in ABBA order over
 `--rounds`, with `--threads` torch threads (default 1). Reported per variant: the wall time of the
@@ -73,6 +75,9 @@ PAIRS = {
                      "llmft classify train"),
     "classify-lora": Pair("classify", True, False, "transformers Trainer + PEFT LoRA",
                           "llmft classify train --finetune lora --lora-targets attn,mlp"),
+    "classify-lora-grouped": Pair("classify", True, False, "transformers Trainer + PEFT LoRA",
+                                  "llmft classify train --finetune lora --lora-targets attn,mlp --group-by-length",
+                                  ("--group-by-length",)),
     "sft": Pair("instruct", False, False, "TRL SFTTrainer, loss on all tokens", "llmft instruct train"),
     "sft-grouped": Pair("instruct", False, False, "TRL SFTTrainer, loss on all tokens",
                         "llmft instruct train --group-by-length", ("--group-by-length",)),

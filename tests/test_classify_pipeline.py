@@ -52,14 +52,36 @@ def test_each_split_runs_once_for_accuracy_and_report(spam_run, monkeypatch):
     import llmft.pipelines.classification as pipeline
 
     out, _ = spam_run
-    passes, scoring = [], pipeline.predicted_probabilities
-    monkeypatch.setattr(pipeline, "predicted_probabilities", lambda *a, **k: passes.append(1) or scoring(*a, **k))
+    passes, scoring = [], pipeline.split_scores
+    monkeypatch.setattr(pipeline, "split_scores", lambda *a, **k: passes.append(1) or scoring(*a, **k))
     once = evaluate_run(out, device="cpu")
-    assert passes == []
+    assert len(passes) == 3  # train, validation, test: one pass each
     metrics = pipeline.final_metrics
     monkeypatch.setattr(pipeline, "final_metrics", lambda *a, **k: (metrics(*a, **k)[0], {}))
     twice = evaluate_run(out, device="cpu")
-    assert len(passes) == 2 and twice == once  # test and validation scored again: the same report
+    assert len(passes) == 3 + 5 and twice == once  # 3 more, then test and validation again: the same report
+
+
+def test_longest_first_pass_equals_batches_in_order(spam_run):
+    """The final pass runs each split longest text first and puts the scores back in order: the
+    same accuracy, loss and probabilities as the loader's own batches. A text's logits differ only
+    by the GEMMs' summation order (padding is on the right, behind a causal mask): a few fp32
+    rounding steps of a 2-layer, 64-wide model, far inside 1e-5."""
+    import llmft.pipelines.classification as pipeline
+
+    out, _ = spam_run
+    model, tokenizer, meta = pipeline.load_classifier(out, "test")
+    named = {"test": pipeline.read_labelled_texts(out / "test.csv")}
+    loader = pipeline.make_loaders(named, tokenizer, meta.labels, meta.max_length, 8, 0, None)["test"]
+    task = pipeline.ClassificationTask(loader, loader, 0, torch.device("cpu"))
+    runner = pipeline.TaskModule(model, task)
+    (labels, probabilities), losses = pipeline.split_scores(runner, loader, torch.device("cpu"))
+    in_order = torch.cat([torch.softmax(runner(batch, "logits"), -1) for batch in loader]).detach()
+    assert labels.tolist() == loader.dataset.labels
+    torch.testing.assert_close(torch.from_numpy(probabilities), in_order, rtol=0, atol=1e-5)
+    accuracy, loss = pipeline.evaluate(runner, task, loader, torch.device("cpu"))
+    assert (probabilities.argmax(-1) == labels).mean() == accuracy
+    assert pipeline.mean_batch_loss(losses, 8) == pytest.approx(loss, rel=1e-5)
 
 
 def test_cli_predict_and_eval(spam_run, capsys):

@@ -115,9 +115,8 @@ def test_max_length_longest_restores_the_books_rule(long_texts, tmp_path, gpt2_t
 def test_estimate_counts_padding_and_attention():
     cost = BlockCost(params=1000, layers=2, width=8)
     assert cost.total([10]) == 2 * 1000 * 10 + 2 * 2 * 8 * 100
-    assert padded_lengths([1, 5, 2, 2], 2) == [5, 5, 2, 2]  # in order: batches (1, 5) and (2, 2)
     assert padded_lengths([1, 5, 2, 2], 2, "grouped") == [2, 2, 5, 5]  # (1, 2) and (2, 5)
-    assert padded_lengths([1, 5, 2], 2, pad_to=9) == [9, 9, 9]
+    assert padded_lengths([1, 5, 2], 2, "grouped", pad_to=9) == [9, 9, 9]
     shuffled = padded_lengths(list(range(1, 101)), 8, "shuffled")
     assert len(shuffled) == 100 and sum(shuffled) > sum(padded_lengths(list(range(1, 101)), 8, "grouped"))
 

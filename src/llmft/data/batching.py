@@ -30,14 +30,20 @@ class LengthGroupedSampler(Sampler[list[int]]):
         span = self.batch_size * self.mega
         batches = []
         for start in range(0, len(order), span):
-            group = sorted(order[start:start + span], key=self.lengths.__getitem__, reverse=True)
-            batches += [group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+            batches += sorted_batches(order[start:start + span], self.lengths, self.batch_size)
         self.rng.shuffle(batches)
         return iter(batches)
 
     def __len__(self) -> int:
         n = len(self.lengths)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def sorted_batches(indices: Iterable[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """`indices` longest first, cut into batches: the least padding for a pass whose order does
+    not matter (a whole split's scores, put back in order afterwards)."""
+    ordered = sorted(indices, key=lengths.__getitem__, reverse=True)
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
 def make_loader(dataset: Dataset, lengths: Sequence[int], batch_size: int, collate_fn: Callable,
@@ -50,6 +56,11 @@ def make_loader(dataset: Dataset, lengths: Sequence[int], batch_size: int, colla
                           collate_fn=collate_fn)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=drop_last, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def batch_size_of(loader: DataLoader) -> int:
+    """A loader's batch size, whether it batches itself or a batch sampler (`--group-by-length`) does."""
+    return loader.batch_size or loader.batch_sampler.batch_size
 
 
 def order_state(loader: Iterable) -> torch.Tensor:

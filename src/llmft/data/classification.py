@@ -125,6 +125,7 @@ class ClassificationDataset(torch.utils.data.Dataset):
         encoded = [tokenizer.encode(text) for text, _ in examples]
         self.full_lengths = [len(ids) for ids in encoded]
         self.token_ids = [truncate(ids, max_length, side) for ids in encoded]
+        self.lengths = [len(ids) for ids in self.token_ids]
         self.labels = [index[label] for _, label in examples]
 
     def __len__(self) -> int:

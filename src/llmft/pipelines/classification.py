@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from llmft.checkpoint import base_spec, load_finetuned, save_finetuned, weights_fingerprint
-from llmft.data.batching import make_loader
+from llmft.data.batching import batch_size_of, make_loader, sorted_batches
 from llmft.data.classification import (
     ClassificationDataset, Splits, balance, check_truncate, class_counts, collate_classification, deduplicate,
     label_names, length_stats, longest, split, truncate, warn_about, write_split,
@@ -33,7 +34,7 @@ from llmft.tasks import expect_task
 from llmft.tokenizers import Tokenizer
 from llmft.training.activation_cache import cache_start, cached_loaders
 from llmft.training.distributed import (
-    TaskModule, World, all_reduce_sum, init_distributed, log_global_batch, shard_loaders, world,
+    TaskModule, World, all_reduce_sum, init_distributed, log_global_batch, shard_loaders, shard_rows, world,
 )
 from llmft.training.estimate import estimate_lines
 from llmft.training.freezing import apply_trainable, count_parameters
@@ -125,11 +126,9 @@ class ClassificationTask:
 
 @torch.no_grad()
 def evaluate(runner: nn.Module, task: ClassificationTask, batches, device: torch.device,
-             num_batches: int | None = None, precision: str = "32",
-             scores: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[float, float]:
+             num_batches: int | None = None, precision: str = "32") -> tuple[float, float]:
     """(accuracy, mean batch loss) over the first `num_batches` batches (all when None), in one
-    pass; `runner` is `TaskModule(model, task)` (maybe wrapped); several ranks' counts are summed.
-    `scores`: a list that gets each batch's (labels, every label's probability)."""
+    pass; `runner` is `TaskModule(model, task)` (maybe wrapped); several ranks' counts are summed."""
     was_training = runner.training
     runner.eval()
     counts = torch.zeros(2, dtype=torch.float64)  # correct, total
@@ -140,8 +139,6 @@ def evaluate(runner: nn.Module, task: ClassificationTask, batches, device: torch
         batch = to_device(batch, device)
         with autocast(device, precision):
             logits = runner(batch, "logits")
-        if scores is not None:
-            scores.append(batch_scores(batch, logits))
         counts += torch.tensor([(logits.argmax(-1) == batch["labels"]).sum().item(), batch["labels"].shape[0]])
         if world().size == 1:
             loss_sum += nn.functional.cross_entropy(logits.float(), batch["labels"]).item()
@@ -196,7 +193,7 @@ def make_loaders(splits: Splits | dict[str, list], tokenizer, labels: list[str],
     loaders = {}
     for name, examples in splits.items():
         data = ClassificationDataset(examples, tokenizer, labels, max_length, side)
-        loaders[name] = make_loader(data, [len(ids) for ids in data.token_ids], batch_size, collate, seed,
+        loaders[name] = make_loader(data, data.lengths, batch_size, collate, seed,
                                     train=name == "train", group_by_length=group_by_length)
     return loaders
 
@@ -312,17 +309,23 @@ def surgery(model: SequenceClassifier, opts: ClassifyOptions) -> str:
 
 def final_metrics(model: nn.Module, task: ClassificationTask, loaders: dict[str, Any], device: torch.device,
                   precision: str = "32") -> tuple[dict[str, Any], dict[str, Scored]]:
-    """Accuracy and loss of every split; in one process also each split's scores for the
-    metrics report, from the same pass (under torchrun each rank sees only its share)."""
+    """Accuracy and loss of every split, and each split's scores for the metrics report, from
+    one pass over it (`split_scores`)."""
     out: dict[str, Any] = {}
     scored: dict[str, Scored] = {}
     runner = TaskModule(model, task)
     for name, loader in loaders.items():
-        scores: list | None = [] if world().size == 1 else None
-        out[f"{name}_accuracy"], out[f"{name}_loss"] = evaluate(runner, task, loader, device, None, precision, scores)
-        if scores:
-            scored[name] = joined_scores(scores)
+        scored[name], losses = split_scores(runner, loader, device, precision)
+        labels, probabilities = scored[name]
+        out[f"{name}_accuracy"] = float((probabilities.argmax(-1) == labels).mean())
+        out[f"{name}_loss"] = mean_batch_loss(losses, batch_size_of(loader))
     return out, scored
+
+
+def mean_batch_loss(losses: np.ndarray, batch_size: int) -> float:
+    """The book's `calc_loss_loader` over a loader in order from its examples' losses (in that
+    order): the mean of its batches' mean losses."""
+    return float(np.mean([losses[i:i + batch_size].mean() for i in range(0, len(losses), batch_size)]))
 
 
 def plot_history(history, run: RunDir) -> None:
@@ -341,30 +344,31 @@ def load_classifier(run_dir: Path | str, command: str) -> tuple[nn.Module, Token
 
 
 @torch.no_grad()
-def predicted_probabilities(runner: nn.Module, batches, device: torch.device, precision: str = "32") -> Scored:
-    """The true label and every label's probability of each example of `batches`, in order, for
-    the metrics report; `runner` as in `evaluate`, but only this process's batches (nothing is
-    reduced over ranks)."""
+def split_scores(runner: nn.Module, loader: Any, device: torch.device,
+                 precision: str = "32") -> tuple[Scored, np.ndarray]:
+    """Every example of `loader`'s dataset: its true label, every label's probability and its
+    loss, in the dataset's order. Runs the examples longest first in `loader`'s (global) batch
+    size and collate, far less padding than batches in order; under torchrun each rank runs its
+    rows of every batch and the ranks' results are summed. `runner` as in `evaluate`."""
+    loader, w = getattr(loader, "loader", loader), world()  # a ShardedBatches' whole batches
+    data = loader.dataset
+    batches = sorted_batches(range(len(data)), data.lengths, batch_size_of(loader))
     was_training = runner.training
     runner.eval()
-    scores = []
-    for batch in batches:
-        batch = to_device(batch, device)
+    rows, probabilities, losses = [], [], []
+    for indices, batch in zip(batches, DataLoader(data, batch_sampler=batches, collate_fn=loader.collate_fn)):
+        batch = to_device(shard_rows(batch, w), device)
         with autocast(device, precision):
-            logits = runner(batch, "logits")
-        scores.append(batch_scores(batch, logits))
+            logits = runner(batch, "logits").float()
+        rows.append(torch.tensor_split(torch.tensor(indices), w.size)[w.rank])
+        probabilities.append(torch.softmax(logits, -1))
+        losses.append(nn.functional.cross_entropy(logits, batch["labels"], reduction="none"))
     runner.train(was_training)
-    return joined_scores(scores)
-
-
-def batch_scores(batch: Batch, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's true labels and every label's probability, on the CPU."""
-    return batch["labels"].cpu(), torch.softmax(logits.float(), -1).cpu()
-
-
-def joined_scores(scores: list[tuple[torch.Tensor, torch.Tensor]]) -> Scored:
-    """Batches' `batch_scores` as one `Scored` (labels (N,), probabilities (N, C))."""
-    return torch.cat([s[0] for s in scores]).numpy(), torch.cat([s[1] for s in scores]).numpy()
+    rows, probs = torch.cat(rows).to(device), torch.cat(probabilities)
+    every = torch.zeros(len(data), probs.shape[-1] + 1, device=device).index_copy_(
+        0, rows, torch.cat([probs, torch.cat(losses)[:, None]], -1))
+    every = all_reduce_sum(every).cpu().numpy()  # each row is one rank's, the others' are zero
+    return (np.asarray(data.labels), every[:, :-1]), every[:, -1]
 
 
 def metrics_report(model: nn.Module, task: ClassificationTask, loaders: dict[str, Any], labels: list[str],
@@ -374,8 +378,8 @@ def metrics_report(model: nn.Module, task: ClassificationTask, loaders: dict[str
     split, its threshold chosen on the validation split; and the evaluated scores, for plots.
     `known`: splits already scored (`final_metrics`), not run again."""
     runner, known = TaskModule(model, task), known or {}
-    scored = {name: known[name] if name in known else predicted_probabilities(
-        runner, getattr(loaders[name], "loader", loaders[name]), device, precision) for name in {evaluated, "validation"}}
+    scored = {name: known[name] if name in known else split_scores(runner, loaders[name], device, precision)[0]
+              for name in {evaluated, "validation"}}
     return classification_report(title, labels, scored[evaluated], scored["validation"], max_fpr), scored[evaluated]
 
 

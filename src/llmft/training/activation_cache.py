@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from llmft.data.batching import make_loader
+from llmft.data.batching import batch_size_of, make_loader
 from llmft.data.classification import ClassificationDataset
 from llmft.progress import progress_bar
 from llmft.training.distributed import broadcast, world
@@ -156,6 +156,7 @@ class CachedActivations(Dataset):
     def __init__(self, store: ActivationStore, data: ClassificationDataset) -> None:
         self.store, self.labels = store, data.labels
         self.spans = [store.spans[tuple(ids)] for ids in data.token_ids]
+        self.lengths = [end - begin for begin, end in self.spans]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -184,7 +185,6 @@ def cached_loaders(model: SequenceClassifier, loaders: dict[str, DataLoader], se
     out = {}
     for name, loader in loaders.items():
         data = CachedActivations(store, loader.dataset)
-        lengths = [end - begin for begin, end in data.spans]
-        out[name] = make_loader(data, lengths, loader.batch_size or loader.batch_sampler.batch_size,
+        out[name] = make_loader(data, data.lengths, batch_size_of(loader),
                                 collate_activations, seed, train=name == "train", group_by_length=group_by_length)
     return out

@@ -43,17 +43,17 @@ class BlockCost:
         return sum(2.0 * self.params * n + 2.0 * self.layers * self.width * n * n for n in lengths)
 
 
-def padded_lengths(lengths: Sequence[int], batch_size: int, order: str = "in-order", pad_to: int | None = None,
+def padded_lengths(lengths: Sequence[int], batch_size: int, order: str, pad_to: int | None = None,
                    seed: int = 0) -> list[int]:
-    """The texts' lengths as batched (in batch order): each its batch's longest (or `pad_to`). `order`: "in-order"
-    (evaluation), "shuffled" (one seeded random epoch: what training costs on average) or
-    "grouped" (similar lengths together, as --group-by-length)."""
+    """The texts' lengths as batched (in batch order): each its batch's longest (or `pad_to`). `order`:
+    "shuffled" (one seeded random epoch: what training costs on average) or "grouped" (similar
+    lengths together, as --group-by-length and the final evaluation)."""
     if pad_to is not None:
         return [pad_to] * len(lengths)
     index = list(range(len(lengths)))
     if order == "shuffled":
         random.Random(seed).shuffle(index)
-    elif order == "grouped":
+    else:
         index.sort(key=lengths.__getitem__)
     out: list[int] = []
     for start in range(0, len(index), batch_size):
@@ -126,14 +126,13 @@ def training_seconds(probe: Probe, suffix: BlockCost, lengths: dict[str, list[in
                      pad_to: int | None) -> tuple[float, float]:
     """(one epoch, the final evaluation) in seconds: an epoch's steps, its loss evaluations and
     epoch-end accuracies (`eval_iter` batches of train and validation each); at the end, every
-    split in full, validation and test twice (accuracies, then the metrics report)."""
+    split once in full, longest texts first (`split_scores`)."""
     probed = suffix.total([probe.length] * probe.rows)
     order = "grouped" if cfg.group_by_length else "shuffled"
     train = suffix.total(padded_lengths(lengths["train"], cfg.batch_size, order, pad_to))
     steps = len(lengths["train"]) // cfg.batch_size // cfg.grad_accum
     evaluations = (steps // cfg.eval_freq + 2) * 2 * cfg.eval_iter * cfg.batch_size * train / len(lengths["train"])
-    final = sum(suffix.total(padded_lengths(part, cfg.batch_size, pad_to=pad_to)) * (1 if name == "train" else 2)
-                for name, part in lengths.items())
+    final = sum(suffix.total(padded_lengths(part, cfg.batch_size, "grouped", pad_to)) for part in lengths.values())
     return (probe.step * train + probe.forward * evaluations) / probed, probe.forward * final / probed
 
 
