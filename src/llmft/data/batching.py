@@ -41,7 +41,7 @@ class LengthGroupedSampler(Sampler[list[int]]):
 
 def sorted_batches(indices: Iterable[int], lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """`indices` longest first, cut into batches: the least padding for a pass whose order does
-    not matter (a whole split's scores, put back in order afterwards)."""
+    not matter (a whole split's scores, texts to classify; put back in order afterwards)."""
     ordered = sorted(indices, key=lengths.__getitem__, reverse=True)
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 

@@ -430,11 +430,9 @@ def classify_texts(run_dir: Path, texts: list[str], device: str = "auto", batch_
     model, tokenizer, meta = load_classifier(run_dir, "classify predict")
     check_threshold(threshold, meta.labels)
     model.to(resolve_device(device))
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)  # less padding
     probabilities: list[list[float]] = [[] for _ in texts]
     with progress_bar(total=len(texts), desc="predict", unit="text", disable=not show_progress) as bar:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+        for rows in sorted_batches(range(len(texts)), [len(t) for t in texts], batch_size):  # less padding
             found = label_probabilities(model, tokenizer, [texts[i] for i in rows], meta.max_length, batch_size,
                                         meta.truncate)
             for i, probs in zip(rows, found):

@@ -140,7 +140,7 @@ def estimate_lines(model: SequenceClassifier, task: Any, datasets: dict[str, Any
                    pad_to: int | None, device: torch.device) -> list[str]:
     """What the cache pass (blocks before `start`; none when 0) and training will take, from the
     splits' `datasets` (`ClassificationDataset`) and a probe of the training texts' median length."""
-    lengths = {name: [len(ids) for ids in data.token_ids] for name, data in datasets.items()}
+    lengths = {name: data.lengths for name, data in datasets.items()}
     length = min(int(statistics.median(lengths["train"])), PROBE_TOKENS)
     probe = run_probe(model, task, start, length, device, cfg.precision)
     lines = []
