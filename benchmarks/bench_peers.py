@@ -30,6 +30,10 @@ Pairs (peer first, the baseline of each ratio):
   PEFT's own default starts them 6-10× narrower, and then the losses did not compare).
 - `classify-lora-grouped`: `classify-lora` with llmft's `--group-by-length` (the peer as in
   `classify-lora`).
+- `classify-lora-held-out`: `classify-lora-grouped` reporting what the peer's job reports: no
+  periodic evaluation (`--eval-freq` past the last step, as the peer's `eval_strategy="no"`) and
+  no training-split accuracy at the end (`--no-train-accuracy`; llmft still scores the
+  validation split, which its metrics report's threshold needs, beside the test split).
 
 Every variant runs in its own process (`worker.py`), the two sides of a pair in ABBA order over
 `--rounds`, with `--threads` torch threads (default 1). Reported per variant: the wall time of the
@@ -78,6 +82,10 @@ PAIRS = {
     "classify-lora-grouped": Pair("classify", True, False, "transformers Trainer + PEFT LoRA",
                                   "llmft classify train --finetune lora --lora-targets attn,mlp --group-by-length",
                                   ("--group-by-length",)),
+    "classify-lora-held-out": Pair("classify", True, False, "transformers Trainer + PEFT LoRA",
+                                   "llmft classify train --finetune lora --lora-targets attn,mlp --group-by-length "
+                                   "--no-train-accuracy --eval-freq 1000000",
+                                   ("--group-by-length", "--no-train-accuracy", "--eval-freq", "1000000")),
     "sft": Pair("instruct", False, False, "TRL SFTTrainer, loss on all tokens", "llmft instruct train"),
     "sft-grouped": Pair("instruct", False, False, "TRL SFTTrainer, loss on all tokens",
                         "llmft instruct train --group-by-length", ("--group-by-length",)),

@@ -62,6 +62,29 @@ def test_each_split_runs_once_for_accuracy_and_report(spam_run, monkeypatch):
     assert len(passes) == 3 + 5 and twice == once  # 3 more, then test and validation again: the same report
 
 
+def test_no_train_accuracy_scores_only_the_held_out_splits(tmp_path, monkeypatch, capsys):
+    """`--no-train-accuracy`: the final pass runs validation and test only (the report needs
+    both), their accuracies are those a reload computes, and no training accuracy is printed."""
+    import llmft.pipelines.classification as pipeline
+    from llmft.cli.classify import print_accuracies
+
+    passes, scoring = [], pipeline.split_scores
+    monkeypatch.setattr(pipeline, "split_scores", lambda *a, **k: passes.append(1) or scoring(*a, **k))
+    opts = ClassifyOptions(model="gpt2-small", data=str(SMS), out=tmp_path / "run", random_init=True,
+                           config_overrides=TINY, train_accuracy=False,
+                           train=TrainConfig(epochs=1, lr=1e-3, eval_freq=50, device="cpu"))
+    results = train_classifier(opts)
+    assert len(passes) == 2 and "train_accuracy" not in results and "report" in results
+    capsys.readouterr()  # the training progress
+    print_accuracies(results)
+    assert capsys.readouterr().out.splitlines() == [
+        f"Validation accuracy:  {results['validation_accuracy'] * 100:.2f}%",
+        f"Test accuracy:        {results['test_accuracy'] * 100:.2f}%"]
+    again = evaluate_run(tmp_path / "run", device="cpu")
+    for split in ("validation", "test"):
+        assert results[f"{split}_accuracy"] == again[f"{split}_accuracy"], split
+
+
 def test_longest_first_pass_equals_batches_in_order(spam_run):
     """The final pass runs each split longest text first and puts the scores back in order: the
     same accuracy, loss and probabilities as the loader's own batches. A text's logits differ only

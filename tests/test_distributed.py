@@ -101,17 +101,28 @@ def test_two_processes_train_what_one_does(task, strategy, train, data, tmp_path
 
 
 def test_two_nodes_rendezvous_on_loopback(data, tmp_path):
-    """Two torchrun invocations, one process each, meeting through the c10d rendezvous."""
+    """Two torchrun invocations, one process each, meeting through the c10d rendezvous. Node 0
+    hosts the rendezvous store, as the machine that --rdzv-endpoint names does: on one machine
+    both agents match the address, and the store would go to whichever binds first."""
     port = free_port()
     run_spec = json.dumps(spec("classification", data, tmp_path / "run", 4))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=llmft-test"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([*cmd, f"--node-rank={rank}", str(ROOT / "tests" / "dist_worker.py"), run_spec],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=180) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = [subprocess.Popen([*cmd, f"--node-rank={rank}", f"--rdzv-conf=is_host={int(rank == 0)}",
+                               str(ROOT / "tests" / "dist_worker.py"), run_spec], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=log.open("w"))
+             for rank, log in enumerate(logs)]
+    try:
+        codes = [node.wait(timeout=180) for node in nodes]
+    except subprocess.TimeoutExpired:
+        codes = "timed out"
+    finally:
+        for node in nodes:
+            node.kill()
+    errors = "".join(f"--- node {rank} ---\n{log.read_text()[-2000:]}" for rank, log in enumerate(logs))
+    assert codes == [0, 0], errors
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 

@@ -38,6 +38,8 @@ def classify() -> None:
               help="Which hidden state the head reads.")
 @click.option("--trainable", default="last-block", type=click.Choice(list(TRAINABLE_POLICIES)),
               help="Layers trained with --finetune full.")
+@click.option("--train-accuracy/--no-train-accuracy", default=True,
+              help="Score the whole training split after training (the book's report; most of the final pass).")
 @lora_options
 @click.option("--book-compat", is_flag=True, help="The book's computation: fixed padding, token at -1.")
 @click.option("--activation-cache/--no-activation-cache", default=True,
@@ -57,7 +59,7 @@ def train_cmd(**kwargs) -> None:
 
 
 def print_accuracies(results: dict) -> None:
-    for split in ("train", "validation", "test"):
+    for split in [s for s in ("train", "validation", "test") if f"{s}_accuracy" in results]:
         click.echo(f"{split.capitalize() + ' accuracy:':21} {results[f'{split}_accuracy'] * 100:.2f}%")
 
 

@@ -69,6 +69,7 @@ class ClassifyOptions(RunOptions):
     activation_cache: bool = True  # reuse the frozen prefix's outputs when that is exact
     truncate: str = "head"  # which end of a text longer than max_length is kept: head or tail
     max_fpr: float = DEFAULT_MAX_FPR  # the final report's threshold: at most this false-positive rate
+    train_accuracy: bool = True  # score the whole training split after training (the book's report)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +90,11 @@ class ClassifyOptions(RunOptions):
 
     def inputs(self) -> list[Path]:
         return existing_paths(self.model, self.data, self.validation_data, self.test_data)
+
+    @property
+    def final_splits(self) -> tuple[str, ...]:
+        """The splits scored in full after training; the metrics report needs validation and test."""
+        return ("train", "validation", "test") if self.train_accuracy else ("validation", "test")
 
 
 class ClassificationTask:
@@ -256,7 +262,7 @@ def prepare(opts: ClassifyOptions, w: World) -> Prepared:
     start = cache_start(model) if opts.activation_cache and not opts.book_compat else 0
     for line in estimate_lines(model, ClassificationTask(loaders["train"], loaders["validation"], 0, device, start),
                                {name: loader.dataset for name, loader in loaders.items()}, start, opts.train,
-                               pad_to, device):
+                               pad_to, device, opts.final_splits):
         log.info(line)
     if start:
         loaders = cached_loaders(model, loaders, opts.train.seed, device, start, opts.train.group_by_length)
@@ -277,7 +283,8 @@ def train_classifier(opts: ClassifyOptions) -> dict[str, Any]:
         began = time.perf_counter()
         history = train(model, task, loaders["train"], loaders["validation"], opts.train,
                         run.metrics() if w.is_main else None, checkpoints=opts.checkpoints(run))
-        results, scored_splits = final_metrics(model, task, loaders, device, opts.train.precision)
+        results, scored_splits = final_metrics(model, task, {name: loaders[name] for name in opts.final_splits},
+                                               device, opts.train.precision)
         trainable, total = count_parameters(model)
         results.update(train_seconds=round(time.perf_counter() - began, 2), peak_memory_mb=peak_memory_mb(device),
                        trainable_parameters=trainable, total_parameters=total, max_length=meta.max_length,

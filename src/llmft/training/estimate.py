@@ -123,23 +123,24 @@ def run_probe(model: SequenceClassifier, task: Any, start: int, length: int, dev
 
 
 def training_seconds(probe: Probe, suffix: BlockCost, lengths: dict[str, list[int]], cfg: TrainConfig,
-                     pad_to: int | None) -> tuple[float, float]:
+                     pad_to: int | None, final_splits: tuple[str, ...]) -> tuple[float, float]:
     """(one epoch, the final evaluation) in seconds: an epoch's steps, its loss evaluations and
-    epoch-end accuracies (`eval_iter` batches of train and validation each); at the end, every
-    split once in full, longest texts first (`split_scores`)."""
+    epoch-end accuracies (`eval_iter` batches of train and validation each); at the end, each of
+    `final_splits` once in full, longest texts first (`split_scores`)."""
     probed = suffix.total([probe.length] * probe.rows)
     order = "grouped" if cfg.group_by_length else "shuffled"
     train = suffix.total(padded_lengths(lengths["train"], cfg.batch_size, order, pad_to))
     steps = len(lengths["train"]) // cfg.batch_size // cfg.grad_accum
     evaluations = (steps // cfg.eval_freq + 2) * 2 * cfg.eval_iter * cfg.batch_size * train / len(lengths["train"])
-    final = sum(suffix.total(padded_lengths(part, cfg.batch_size, "grouped", pad_to)) for part in lengths.values())
+    final = sum(suffix.total(padded_lengths(lengths[name], cfg.batch_size, "grouped", pad_to)) for name in final_splits)
     return (probe.step * train + probe.forward * evaluations) / probed, probe.forward * final / probed
 
 
 def estimate_lines(model: SequenceClassifier, task: Any, datasets: dict[str, Any], start: int, cfg: TrainConfig,
-                   pad_to: int | None, device: torch.device) -> list[str]:
-    """What the cache pass (blocks before `start`; none when 0) and training will take, from the
-    splits' `datasets` (`ClassificationDataset`) and a probe of the training texts' median length."""
+                   pad_to: int | None, device: torch.device, final_splits: tuple[str, ...]) -> list[str]:
+    """What the cache pass (blocks before `start`; none when 0), training and scoring
+    `final_splits` at the end will take, from the splits' `datasets` (`ClassificationDataset`)
+    and a probe of the training texts' median length."""
     lengths = {name: data.lengths for name, data in datasets.items()}
     length = min(int(statistics.median(lengths["train"])), PROBE_TOKENS)
     probe = run_probe(model, task, start, length, device, cfg.precision)
@@ -151,7 +152,8 @@ def estimate_lines(model: SequenceClassifier, task: Any, datasets: dict[str, Any
         lines.append(f"estimate: activation cache pass (blocks 0-{start - 1}, {len(distinct):,} distinct texts, "
                      f"{sum(distinct):,} tokens, {flops / 1e12:.2f} TFLOP) ~{duration(flops / rate)} "
                      f"(a {probe.rows} x {probe.length}-token probe ran {rate / 1e9:.0f} GFLOP/s)")
-    epoch, final = training_seconds(probe, BlockCost.of(model, start, len(model.backbone.blocks)), lengths, cfg, pad_to)
+    epoch, final = training_seconds(probe, BlockCost.of(model, start, len(model.backbone.blocks)), lengths, cfg, pad_to,
+                                    final_splits)
     lines.append(f"estimate: one epoch ({len(lengths['train']):,} training texts, with its evaluations) "
                  f"~{duration(epoch)}; {cfg.epochs} epoch{'s' * (cfg.epochs != 1)} and the final evaluation "
                  f"~{duration(epoch * cfg.epochs + final)}")
