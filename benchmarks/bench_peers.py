@@ -273,7 +273,8 @@ NOTES = [
     "validation batches before the first step and, for the classifier, every 50 steps and after each epoch "
     "(its defaults; instruct runs with `--eval-freq` past the last step, and writes a 35-token sample per epoch). "
     "The wall time also holds each job's own final evaluation: the peer's test predictions or `trainer.evaluate()`, "
-    "llmft's accuracies on every split, its report, plots and run directory.",
+    "llmft's accuracies on every split (validation and test only with `--no-train-accuracy`), its report, plots "
+    "and run directory.",
     "Differences left as each library does them: transformers' Trainer exempts biases and norm weights from "
     "weight decay (llmft decays every trainable parameter); llmft's classification head has a bias and "
     "`nn.Linear`'s initialisation, transformers' `score` none and a normal(0, 0.02) one; the data order "
