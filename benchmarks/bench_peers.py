@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Section, median, peak_memory, ratio_cell
+from peer_jobs import NO_PERIODIC_EVAL
 
 MODEL = "smollm2-135m-instruct"
 SIDES = ("peer", "llmft")  # baseline first
@@ -84,8 +85,8 @@ PAIRS = {
                                   ("--group-by-length",)),
     "classify-lora-held-out": Pair("classify", True, False, "transformers Trainer + PEFT LoRA",
                                    "llmft classify train --finetune lora --lora-targets attn,mlp --group-by-length "
-                                   "--no-train-accuracy --eval-freq 1000000",
-                                   ("--group-by-length", "--no-train-accuracy", "--eval-freq", "1000000")),
+                                   f"--no-train-accuracy --eval-freq {NO_PERIODIC_EVAL}",
+                                   ("--group-by-length", "--no-train-accuracy", "--eval-freq", str(NO_PERIODIC_EVAL))),
     "sft": Pair("instruct", False, False, "TRL SFTTrainer, loss on all tokens", "llmft instruct train"),
     "sft-grouped": Pair("instruct", False, False, "TRL SFTTrainer, loss on all tokens",
                         "llmft instruct train --group-by-length", ("--group-by-length",)),

@@ -110,17 +110,18 @@ def test_two_nodes_rendezvous_on_loopback(data, tmp_path):
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=llmft-test"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    nodes = [subprocess.Popen([*cmd, f"--node-rank={rank}", f"--rdzv-conf=is_host={int(rank == 0)}",
-                               str(ROOT / "tests" / "dist_worker.py"), run_spec], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=log.open("w"))
-             for rank, log in enumerate(logs)]
-    try:
-        codes = [node.wait(timeout=180) for node in nodes]
-    except subprocess.TimeoutExpired:
-        codes = "timed out"
-    finally:
-        for node in nodes:
-            node.kill()
+    with logs[0].open("w") as err0, logs[1].open("w") as err1:
+        nodes = [subprocess.Popen([*cmd, f"--node-rank={rank}", f"--rdzv-conf=is_host={int(rank == 0)}",
+                                   str(ROOT / "tests" / "dist_worker.py"), run_spec], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=err)
+                 for rank, err in enumerate((err0, err1))]
+        try:
+            codes = [node.wait(timeout=180) for node in nodes]
+        except subprocess.TimeoutExpired:
+            codes = "timed out"
+        finally:
+            for node in nodes:
+                node.kill()
     errors = "".join(f"--- node {rank} ---\n{log.read_text()[-2000:]}" for rank, log in enumerate(logs))
     assert codes == [0, 0], errors
     assert (tmp_path / "run" / "model.safetensors").is_file()

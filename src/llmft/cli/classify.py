@@ -59,8 +59,9 @@ def train_cmd(**kwargs) -> None:
 
 
 def print_accuracies(results: dict) -> None:
-    for split in [s for s in ("train", "validation", "test") if f"{s}_accuracy" in results]:
-        click.echo(f"{split.capitalize() + ' accuracy:':21} {results[f'{split}_accuracy'] * 100:.2f}%")
+    for split in ("train", "validation", "test"):
+        if f"{split}_accuracy" in results:  # no training split with --no-train-accuracy
+            click.echo(f"{split.capitalize() + ' accuracy:':21} {results[f'{split}_accuracy'] * 100:.2f}%")
 
 
 def print_report(results: dict) -> None:
