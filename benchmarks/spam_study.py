@@ -59,6 +59,8 @@ ROWS = {
     "gemma-mean": Row(GEMMA, ("--class-token", "mean")),
     "gemma-2blocks-mean": Row(GEMMA, ("--trainable", "last-two-blocks", "--class-token", "mean")),
     "gemma-mean-3ep": Row(GEMMA, ("--class-token", "mean", "--epochs", "3")),
+    "gemma-mean-lr1e-4": Row(GEMMA, ("--class-token", "mean", "--lr", "1e-4")),
+    "gemma-mean-lr2e-4": Row(GEMMA, ("--class-token", "mean", "--lr", "2e-4")),
     "smollm2-lora-all": Row(SMOLLM2, ("--finetune", "lora", "--lr", "5e-4"), "LoRA r16 on every Linear"),
     "gemma-lora-all": Row(GEMMA, ("--finetune", "lora", "--lr", "5e-4"), "LoRA r16 on every Linear"),
     "smollm2-all": Row(SMOLLM2, ("--trainable", "all")),
