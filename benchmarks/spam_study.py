@@ -61,10 +61,16 @@ ROWS = {
     "gemma-mean-3ep": Row(GEMMA, ("--class-token", "mean", "--epochs", "3")),
     "gemma-mean-lr1e-4": Row(GEMMA, ("--class-token", "mean", "--lr", "1e-4")),
     "gemma-mean-lr2e-4": Row(GEMMA, ("--class-token", "mean", "--lr", "2e-4")),
+    "gemma-mean-lr1.5e-4": Row(GEMMA, ("--class-token", "mean", "--lr", "1.5e-4")),
     "smollm2-lora-all": Row(SMOLLM2, ("--finetune", "lora", "--lr", "5e-4"), "LoRA r16 on every Linear"),
     "gemma-lora-all": Row(GEMMA, ("--finetune", "lora", "--lr", "5e-4"), "LoRA r16 on every Linear"),
     "smollm2-all": Row(SMOLLM2, ("--trainable", "all")),
     "gemma-all": Row(GEMMA, ("--trainable", "all")),
+}
+# weight averages (`llmft merge A B`) of two rows' runs of the same seed: same split, same head
+# init, same data order, other learning rates
+SOUPS = {
+    "gemma-mean-soup-lr1e-4+2e-4": ("gemma-mean-lr1e-4", "gemma-mean-lr2e-4"),
 }
 
 
@@ -72,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[123, 124, 125], help="split seeds (123: llmft's default)")
-    p.add_argument("--rows", nargs="*", choices=list(ROWS), default=[],
+    p.add_argument("--rows", nargs="*", choices=[*ROWS, *SOUPS], default=[],
                    help="llmft rows to run (or collect), in this order")
     p.add_argument("--root", type=Path, default=Path("/tmp/spamstudy"), help="where the llmft runs go")
     p.add_argument("--threads", type=int, default=1, help="torch threads and OMP_NUM_THREADS of every run")
@@ -155,10 +161,19 @@ def llmft_command(row: Row, seed: int, out: Path, threads: int) -> list[str]:
             "--out", str(out), "--overwrite", "--threads", str(threads), *row.flags]
 
 
+def row_info(name: str) -> tuple[str, list[str]]:
+    """The model and the flags (for a soup: the rows it averages) of a row."""
+    if name in SOUPS:
+        return ROWS[SOUPS[name][0]].model, ["llmft merge", *SOUPS[name]]
+    return ROWS[name].model, list(ROWS[name].flags)
+
+
 def run_llmft(name: str, seed: int, args: argparse.Namespace) -> None:
     """One llmft run in its own process; its log beside it, its wall time and load in study.json."""
     out = args.root / name / f"s{seed}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if name in SOUPS:
+        return run_soup(name, seed, out, args)
     command = llmft_command(ROWS[name], seed, out, args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     env.setdefault("LLMFT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
@@ -173,6 +188,31 @@ def run_llmft(name: str, seed: int, args: argparse.Namespace) -> None:
     print(f"[{name} seed {seed}] rc {rc}, {study['wall_s']:.0f} s", file=sys.stderr, flush=True)
 
 
+def run_soup(name: str, seed: int, out: Path, args: argparse.Namespace) -> None:
+    """`llmft merge` of the soup's member runs of `seed` (trained first where missing), then
+    `classify eval` of the average; its wall time counts the members' and the merge's."""
+    members = [args.root / member / f"s{seed}" for member in SOUPS[name]]
+    for member, run in zip(SOUPS[name], members):
+        if collect_llmft(member, seed, args.root) is None:
+            run_llmft(member, seed, args)
+    command = [sys.executable, "-m", "llmft", "merge", *map(str, members), "--out", str(out), "--overwrite"]
+    print(f"[{name} seed {seed}] {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    began, load_before = time.perf_counter(), load_average()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    merge_s = time.perf_counter() - began
+    from llmft.pipelines.classification import evaluate_run
+    from llmft.training.resources import set_threads
+
+    set_threads(args.threads)
+    results = evaluate_run(out)
+    (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "report"}, indent=1))
+    member_s = sum(json.loads(run.with_suffix(".study.json").read_text())["wall_s"] for run in members)
+    study = {"wall_s": round(member_s + time.perf_counter() - began, 2), "merge_and_eval_s": round(
+        time.perf_counter() - began, 2), "merge_s": round(merge_s, 2), "load_before": load_before,
+        "load_after": load_average(), "rc": 0, "command": command[3:]}
+    out.with_suffix(".study.json").write_text(json.dumps(study, indent=1))
+
+
 def collect_llmft(name: str, seed: int, root: Path) -> dict[str, Any] | None:
     """The record of one finished run (results.json + study.json), or None."""
     out = root / name / f"s{seed}"
@@ -181,7 +221,8 @@ def collect_llmft(name: str, seed: int, root: Path) -> dict[str, Any] | None:
         return None
     res = json.loads(results.read_text())
     extra = json.loads(study.read_text()) if study.is_file() else {}
-    return {"kind": "llmft", "row": name, "seed": seed, "model": ROWS[name].model, "flags": list(ROWS[name].flags),
+    model, flags = row_info(name)
+    return {"kind": "llmft", "row": name, "seed": seed, "model": model, "flags": flags,
             **{f"{s}_accuracy": res[f"{s}_accuracy"] for s in SPLITS}, "wall_s": extra.get("wall_s"),
             "train_seconds": res.get("train_seconds"), "load_before": extra.get("load_before"),
             "load_after": extra.get("load_after"), "trainable_parameters": res.get("trainable_parameters"),
@@ -189,7 +230,7 @@ def collect_llmft(name: str, seed: int, root: Path) -> dict[str, Any] | None:
 
 
 def llmft_records(args: argparse.Namespace) -> list[dict[str, Any]]:
-    names = args.rows or ([n for n in ROWS if (args.root / n).is_dir()] if args.collect_only else [])
+    names = args.rows or ([n for n in [*ROWS, *SOUPS] if (args.root / n).is_dir()] if args.collect_only else [])
     records = []
     for name in names:
         for seed in args.seeds:
@@ -233,7 +274,8 @@ def verdict(runs: list[dict[str, Any]], best: dict[int, float], seeds: list[int]
         return f"not measured (ran {len(by_seed)} of {len(seeds)} seeds)"
     mean = statistics.fmean(by_seed.values())
     beats = sum(by_seed[s] > best.get(s, 1.0) for s in seeds)
-    return ("**yes**" if mean >= TARGET and beats == len(seeds) else "no") + f" (beats best baseline on {beats}/{len(seeds)})"
+    # accuracies are k/300: their float mean can land 1e-16 under an exact 0.99
+    return ("**yes**" if mean >= TARGET - 1e-9 and beats == len(seeds) else "no") + f" (beats best baseline on {beats}/{len(seeds)})"
 
 
 def table(records: list[dict[str, Any]], seeds: list[int]) -> str:
