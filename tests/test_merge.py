@@ -80,3 +80,32 @@ def test_runs_on_other_splits_or_prompts_are_refused_naming_the_file(runs, tmp_p
     assert main(["merge", str(runs["a"]), "--out", str(tmp_path / "z")]) == 2  # one full run: nothing to do
     assert "not a LoRA run" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_classifiers_of_one_split_average_into_a_classifier_that_evaluates(tmp_path, capsys):
+    """Two tiny spam classifiers of one seed (same split, head init and data order) at two
+    learning rates average into a third whose weights, head included, are their mean; one with
+    another class token is refused."""
+    from llmft.pipelines.classification import ClassifyOptions, train_classifier
+    from tests.helpers import SMS
+
+    def classifier(name, lr, class_token="last"):
+        train_classifier(ClassifyOptions(
+            model="gpt2-small", data=str(SMS), out=tmp_path / name, random_init=True, config_overrides=TINY,
+            class_token=class_token, train_accuracy=False,
+            train=TrainConfig(epochs=1, lr=lr, eval_freq=1000, device="cpu")))
+        return tmp_path / name
+
+    a, b = classifier("a", 1e-3), classifier("b", 2e-3)
+    assert main(["merge", str(a), str(b), "--out", str(tmp_path / "soup")]) == 0
+    members = [folded_state(a), folded_state(b)]
+    averaged = safetensors.torch.load_file(str(tmp_path / "soup" / "model.safetensors"))
+    head = "backbone.out_head.weight"  # the new classification head
+    assert head in averaged and not torch.equal(members[0][head], members[1][head])
+    for name, tensor in averaged.items():
+        assert torch.equal(tensor, ((members[0][name].double() + members[1][name].double()) / 2).float()), name
+    assert main(["classify", "eval", str(tmp_path / "soup")]) == 0
+    assert "Test accuracy:" in capsys.readouterr().out
+    mean = classifier("mean", 1e-3, class_token="mean")
+    assert main(["merge", str(a), str(mean), "--out", str(tmp_path / "x")]) == 2
+    assert "field 'class_token' is 'mean'" in capsys.readouterr().err and not (tmp_path / "x").exists()
