@@ -6,7 +6,7 @@ also be written as a Hugging Face folder for `transformers` and other tools.
 
 Several runs give their uniform weight average, a "model soup" (Wortsman et al., 2022): runs
 fine-tuned from the same base on the same splits (other seeds, data orders, learning rates) stay
-in one basin, and their average often answers better than each of them. LoRA runs are folded
+in one basin, and their average can answer as well as the best of them or better. LoRA runs are folded
 first. The runs must agree on everything that shapes and uses the model (task, base, labels,
 class token, prompt style, max length) and on their split files, so that the soup is scored on
 texts none of its runs trained on.
