@@ -10,6 +10,7 @@ the averaged gradient, and every reduced evaluation, equals one process's on the
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
@@ -66,6 +67,9 @@ def init_distributed(device: str) -> World:
         if name not in os.environ:
             raise LlmftError(f"WORLD_SIZE is {size} but {name} is not set: launch with torchrun")
     dist.init_process_group("nccl" if cuda else "gloo")
+    # destroyed before the interpreter exits: left to the destructors, a gloo rank could abort
+    # ("terminate called without an active exception") while its peers still shut down
+    atexit.register(dist.destroy_process_group)
     if dist.get_rank() != 0:
         logging.getLogger("llmft").setLevel(logging.WARNING)
     return world()
