@@ -191,10 +191,10 @@ def run_llmft(name: str, seed: int, args: argparse.Namespace) -> None:
 def run_soup(name: str, seed: int, out: Path, args: argparse.Namespace) -> None:
     """`llmft merge` of the soup's member runs of `seed` (trained first where missing), then
     `classify eval` of the average; its wall time counts the members' and the merge's."""
-    members = [args.root / member / f"s{seed}" for member in SOUPS[name]]
-    for member, run in zip(SOUPS[name], members):
+    for member in SOUPS[name]:
         if collect_llmft(member, seed, args.root) is None:
             run_llmft(member, seed, args)
+    members = [args.root / member / f"s{seed}" for member in SOUPS[name]]
     command = [sys.executable, "-m", "llmft", "merge", *map(str, members), "--out", str(out), "--overwrite"]
     print(f"[{name} seed {seed}] {' '.join(command[1:])}", file=sys.stderr, flush=True)
     began, load_before = time.perf_counter(), load_average()
@@ -206,10 +206,10 @@ def run_soup(name: str, seed: int, out: Path, args: argparse.Namespace) -> None:
     set_threads(args.threads)
     results = evaluate_run(out)
     (out / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "report"}, indent=1))
+    own_s = time.perf_counter() - began
     member_s = sum(json.loads(run.with_suffix(".study.json").read_text())["wall_s"] for run in members)
-    study = {"wall_s": round(member_s + time.perf_counter() - began, 2), "merge_and_eval_s": round(
-        time.perf_counter() - began, 2), "merge_s": round(merge_s, 2), "load_before": load_before,
-        "load_after": load_average(), "rc": 0, "command": command[3:]}
+    study = {"wall_s": round(member_s + own_s, 2), "merge_and_eval_s": round(own_s, 2), "merge_s": round(merge_s, 2),
+             "load_before": load_before, "load_after": load_average(), "rc": 0, "command": command[3:]}
     out.with_suffix(".study.json").write_text(json.dumps(study, indent=1))
 
 

@@ -67,15 +67,8 @@ def fold_lora(runs: list[Path]) -> tuple[nn.Module, Tokenizer, RunMeta]:
     if meta.lora is None:
         raise LlmftError(f"{runs[0]}: not a LoRA run ({RunDir.META} has no lora settings); nothing to merge "
                          "(give several runs to average them)")
-    model = without_lora(model, meta)
+    merge_lora(model)
     return model, tokenizer, folded_meta(model, meta, {"run": str(runs[0].resolve()), "lora": meta.lora})
-
-
-def without_lora(model: nn.Module, meta: RunMeta) -> nn.Module:
-    """The run's model with any LoRA adapters folded into plain Linear layers."""
-    if meta.lora is not None:
-        merge_lora(model)
-    return model
 
 
 def decoder_config(model: nn.Module) -> dict:
@@ -94,13 +87,12 @@ def soup(runs: list[Path]) -> tuple[nn.Module, Tokenizer, RunMeta]:
     for run in runs[1:]:
         check_soup_member(run, RunDir(run).read_meta(), runs[0], first)
     model, tokenizer, _ = load_finetuned(runs[0])
-    model = without_lora(model, first)
+    config = decoder_config(merge_lora(model))  # merge_lora leaves a model without adapters as it is
     total = {name: t.detach().double() for name, t in model.state_dict().items()}
     for run in runs[1:]:
-        other, _, meta = load_finetuned(run)
-        other = without_lora(other, meta)
-        if decoder_config(other) != decoder_config(model):
-            differ = sorted(k for k, v in decoder_config(other).items() if decoder_config(model).get(k) != v)
+        other = merge_lora(load_finetuned(run)[0])
+        if (other_config := decoder_config(other)) != config:
+            differ = sorted(k for k, v in other_config.items() if config.get(k) != v)
             raise LlmftError(f"{run}: its model differs from {runs[0]}'s in {', '.join(differ)}; runs averaged "
                              "into one model must have the same shape")
         for name, tensor in other.state_dict().items():
