@@ -1,5 +1,3 @@
-import functools
-
 import pytest
 import torch
 
@@ -144,32 +142,36 @@ def test_shared_prefix_under_a_sliding_window(window):
 
 
 BOOK_TOKENS = 150  # the longest case below; greedy decoding makes the shorter ones its prefixes
+LONG_PROMPT = [(7 * i) % 5000 for i in range(300)]  # longer than the context of 128
 
 
-@functools.cache
-def book_generate(model, ids: tuple[int, ...]) -> list[int]:
-    """The book's `generate` (chapter 5), greedy: every new token from the last context_size
-    tokens; BOOK_TOKENS of them, once per model and prompt."""
+def book_generate(model, ids, max_new_tokens):
+    """The book's `generate` (chapter 5), greedy: every new token from the last context_size tokens."""
     idx, context = list(ids), model.cfg.context_length
     with torch.no_grad():
-        for _ in range(BOOK_TOKENS):
+        for _ in range(max_new_tokens):
             idx.append(int(model(torch.tensor([idx[-context:]]))[0, -1].argmax()))
     return idx[len(ids):]
 
 
+@pytest.fixture(scope="module")
+def book_answers(model):
+    """The book's BOOK_TOKENS new tokens for the long prompt and a short one, once per model."""
+    return [book_generate(model, p, BOOK_TOKENS) for p in (LONG_PROMPT, PROMPTS[0])]
+
+
 @pytest.mark.parametrize("max_new_tokens", [28, 128, BOOK_TOKENS])
-def test_prompt_and_new_tokens_past_the_context_follow_the_book(model, max_new_tokens, caplog):
+def test_prompt_and_new_tokens_past_the_context_follow_the_book(model, book_answers, max_new_tokens, caplog):
     """Issue 18: a prompt longer than the context is cropped to its last tokens, and new tokens
     at or past the context are each decided from the last context_length tokens, the book's
     way (before, the prompt was cut to leave room for every new token, and max_new_tokens at
     or above the context was refused)."""
-    long_prompt = [(7 * i) % 5000 for i in range(300)]
-    expected = [book_generate(model, tuple(p))[:max_new_tokens] for p in (long_prompt, PROMPTS[0])]
+    expected = [answer[:max_new_tokens] for answer in book_answers]
     with caplog.at_level("INFO", logger="llmft"):
         for use_cache in (True, False):
-            assert generate_tokens(model, [long_prompt, PROMPTS[0]], max_new_tokens=max_new_tokens,
+            assert generate_tokens(model, [LONG_PROMPT, PROMPTS[0]], max_new_tokens=max_new_tokens,
                                    use_cache=use_cache) == expected
-        assert generate_tokens(model, [long_prompt], max_new_tokens=max_new_tokens) == expected[:1]
+        assert generate_tokens(model, [LONG_PROMPT], max_new_tokens=max_new_tokens) == expected[:1]
     notes = {r.getMessage() for r in caplog.records}
     assert ("note: a prompt of 300 tokens is longer than the model's context of 128 tokens; it is cropped to its "
             "last 128 tokens") in notes
