@@ -55,6 +55,32 @@ def test_respond_resumes_and_scores(sft_run, capsys):
     assert scores["n"] == 10 and scores["exact_match"] >= 0.1 and scores["rouge_l_f1"] >= 0.1
 
 
+def test_cli_respond_and_generate_with_beams(sft_run, tmp_path, capsys):
+    """`--num-beams` reaches the decoder (the answers are the beam search's), is recorded, and a
+    rerun with other decoding settings does not continue the file."""
+    from llmft.generation import beam_search_tokens
+    from llmft.pipelines.instruction import load_chat_model
+
+    out, _ = sft_run
+    beams = tmp_path / "beams.json"
+    assert main(["instruct", "respond", str(out), "--out", str(beams), "--max-new-tokens", "6", "--num-beams", "3",
+                 "--length-penalty", "0.5"]) == 0
+    settings = json.loads((tmp_path / "beams.settings.json").read_text())
+    assert (settings["num_beams"], settings["length_penalty"]) == (3, 0.5)
+    entry = next(e for e in json.loads(beams.read_text()) if not e["input"])  # as `generate` formats it
+    model, tokenizer, style = load_chat_model(str(out), "cpu", False)
+    tokens = beam_search_tokens(model, tokenizer.encode(style.format(entry)), num_beams=3, max_new_tokens=6,
+                                eos_ids=style.stop_token_ids(tokenizer), length_penalty=0.5)
+    assert entry["model_response"] == style.extract_response(tokenizer.decode(tokens))
+    assert main(["instruct", "respond", str(out), "--out", str(beams), "--max-new-tokens", "6"]) == 2
+    assert "answers 3 for 'num_beams'" in capsys.readouterr().err
+    assert main(["generate", str(out), entry["instruction"], "--max-new-tokens", "6", "--num-beams", "3",
+                 "--length-penalty", "0.5"]) == 0
+    assert capsys.readouterr().out == entry["model_response"] + "\n"
+    assert main(["generate", str(out), "Name a color.", "--num-beams", "2", "--temperature", "0.5"]) == 2
+    assert "takes no --temperature" in capsys.readouterr().err
+
+
 def test_cli_generate_and_local_judge(sft_run, capsys):
     out, _ = sft_run
     assert main(["generate", str(out), "Name a color.", "--max-new-tokens", "5"]) == 0

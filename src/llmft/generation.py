@@ -1,4 +1,4 @@
-"""Text generation: greedy or sampled decoding, one prompt or many, with or without a KV cache.
+"""Text generation: greedy, sampled or beam-search decoding, one prompt or many, with or without a KV cache.
 
 `generate` is the text-level entry point (strings in, new text out). It sorts the prompts by
 length into batches (less padding) and calls `generate_tokens` per batch, which joins what
@@ -279,10 +279,14 @@ class DecodingState:
 
     def evict(self, keep: list[int]) -> None:
         """Keep only the batch rows `keep` (indices into `active`), cache rows included."""
-        if len(keep) == len(self.active):
-            return
-        idx = torch.tensor(keep, device=self.seq.device)
-        self.active = [self.active[j] for j in keep]
+        if len(keep) < len(self.active):
+            self.select(keep)
+
+    def select(self, rows: list[int]) -> None:
+        """Make the batch the rows `rows` (indices into `active`) in that order, cache rows
+        included; a row may come more than once (beam search continues a beam in several ways)."""
+        idx = torch.tensor(rows, device=self.seq.device)
+        self.active = [self.active[j] for j in rows]
         self.seq, self.positions, self.key_valid = self.seq[idx], self.positions[idx], self.key_valid[idx]
         self._edit_cache(lambda t: t[idx])
 
@@ -507,6 +511,88 @@ def stream_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_token
             logits, draft = windows.advance(keep, new, draft_tokens if guessing else 0)
 
 
+class BeamSearch:
+    """The beams of one prompt's beam search, scored as Hugging Face transformers' default
+    (`num_beams`, `length_penalty`, `early_stopping=False`).
+
+    A beam is its new tokens and their summed log-probability. Each step extends every beam by
+    every token and keeps the `2 * num_beams` best candidates (one more set per stop id past
+    the first): a candidate that ends (a stop id, which its tokens leave out, a stop string, or
+    the last allowed token) is a hypothesis, scored by its log-probability over (its length,
+    stop id included) ** `length_penalty`, if it ranks among the first `num_beams`; the
+    `num_beams` best others go on. The search ends when no beam goes on, or when `num_beams`
+    hypotheses are held and the best beam's score at its current length does not beat the worst.
+    """
+
+    def __init__(self, num_beams: int, max_new_tokens: int, eos_ids: Sequence[int], length_penalty: float = 1.0,
+                 is_done: Callable[[list[int]], bool] | None = None) -> None:
+        self.num_beams, self.max_new_tokens, self.length_penalty = num_beams, max_new_tokens, length_penalty
+        self.eos, self.is_done = set(eos_ids), is_done
+        self.candidates = (1 + max(1, len(self.eos))) * num_beams
+        self.beams: list[tuple[list[int], float]] = [([], 0.0)]  # (new tokens, summed log-prob), best first
+        self.hypotheses: list[tuple[float, list[int]]] = []  # (score, new tokens), best first
+
+    def _ends(self, tokens: list[int]) -> bool:
+        return (tokens[-1] in self.eos or len(tokens) >= self.max_new_tokens
+                or (self.is_done is not None and self.is_done(tokens)))
+
+    def advance(self, logits: torch.Tensor) -> list[int]:
+        """Extend the beams by the next-token `logits` (one row per beam, (beams, V)); the
+        beam each new beam continues (indices into the old beams), [] once the search is over."""
+        logprobs = logits.float().log_softmax(dim=-1) + torch.tensor([s for _, s in self.beams])[:, None]
+        V, n = logprobs.shape[-1], len(self.beams[0][0]) + 1  # n: each candidate's length
+        top = logprobs.flatten().topk(min(self.candidates, logprobs.numel()))
+        beams, rows = [], []
+        for rank, (score, i) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            row, token = divmod(i, V)
+            tokens = self.beams[row][0] + [token]
+            if self._ends(tokens):
+                if rank < self.num_beams:
+                    self._hold(score / n ** self.length_penalty, tokens[:-1] if token in self.eos else tokens)
+            elif len(beams) < self.num_beams:
+                beams.append((tokens, score))
+                rows.append(row)
+        self.beams = beams
+        return [] if self._settled(n) else rows
+
+    def _hold(self, score: float, tokens: list[int]) -> None:
+        self.hypotheses = sorted([*self.hypotheses, (score, tokens)], key=lambda h: -h[0])[:self.num_beams]
+
+    def _settled(self, n: int) -> bool:
+        """No beam goes on, or none can still beat the held hypotheses (at its current length)."""
+        if not self.beams:
+            return True
+        full = len(self.hypotheses) == self.num_beams
+        return full and self.beams[0][1] / n ** self.length_penalty <= self.hypotheses[-1][0]
+
+    def best(self) -> list[int]:
+        return self.hypotheses[0][1] if self.hypotheses else self.beams[0][0]
+
+
+@torch.no_grad()
+def beam_search_tokens(model: Any, prompt: Sequence[int], *, num_beams: int, max_new_tokens: int = 256,
+                       eos_ids: Sequence[int] = (), length_penalty: float = 1.0,
+                       is_done: Callable[[list[int]], bool] | None = None, prepack: bool = True) -> list[int]:
+    """The new tokens of the best hypothesis of a beam search (`BeamSearch`) after one prompt,
+    with the KV cache: the prompt runs once, then the beams are the batch rows, their cache
+    rows copied along with them each step. Prompt and new tokens stay within the context: a
+    longer prompt is cropped to its last tokens, and the new tokens stop where the context ends."""
+    if not prompt:
+        raise LlmftError("cannot generate from an empty prompt")
+    ids = crop_prompt(prompt, model.cfg.context_length)
+    steps = min(max_new_tokens, model.cfg.context_length - len(ids))
+    note_context([len(prompt)], model.cfg.context_length, max_new_tokens)
+    if steps < 1:
+        return []
+    search = BeamSearch(num_beams, steps, eos_ids, length_penalty, is_done)
+    with decoding_session(model, prepack), DecodingState(model, [ids], steps, use_cache=True) as state:
+        logits = state.prefill()
+        while rows := search.advance(logits[:, -1]):
+            state.select(rows)
+            logits = state.step([tokens[-1:] for tokens, _ in search.beams])
+    return search.best()
+
+
 def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:
     """New token ids for each prompt of one batch, generated together: the steps of
     `stream_tokens(model, prompts, **options)` joined (`options`: its keyword arguments)."""
@@ -574,27 +660,49 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Seque
              top_p: float | None = None, stop_strings: Sequence[str] = (),
              eos_id: int | Sequence[int] | None = None, use_cache: bool = True,
              seed: int | None = None, batch_size: int = 8, draft_tokens: int = DRAFT_TOKENS,
-             prepack: bool = True) -> list[str]:
+             prepack: bool = True, num_beams: int = 1, length_penalty: float = 1.0) -> list[str]:
     """The new text of each prompt (strings, or token id lists), in input order.
 
     Greedy when `temperature` is 0, else sampled (`top_k`, `top_p`); `seed` makes sampling
-    reproducible. Generation of a prompt ends at `eos_id` (default: the tokenizer's end-of-text;
-    pass a list to add a chat template's end-of-turn id, see `PromptStyle.stop_token_ids`) or at
-    the first stop string, which is cut off with everything after it. `draft_tokens` and
-    `prepack`: see `stream_tokens`.
+    reproducible. `num_beams` > 1: beam search instead (`beam_search_tokens`, not sampled), one
+    prompt at a time, its beams the batch. Generation of a prompt ends at `eos_id` (default:
+    the tokenizer's end-of-text; pass a list to add a chat template's end-of-turn id, see
+    `PromptStyle.stop_token_ids`) or at the first stop string, which is cut off with everything
+    after it. `draft_tokens` and `prepack`: see `stream_tokens`.
     """
     options = _token_options(model, tokenizer, temperature, top_k, top_p, stop_strings, eos_id, seed)
+    check_beams(num_beams, temperature)
     encoded = [_encode(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     texts: list[str] = [""] * len(encoded)
     with decoding_session(model, prepack):  # packed once for every batch
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            new_tokens = generate_tokens(model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens,
-                                         use_cache=use_cache, draft_tokens=draft_tokens, prepack=prepack, **options)
+            new_tokens = _batch_tokens(model, [encoded[i] for i in batch], num_beams, length_penalty,
+                                       max_new_tokens=max_new_tokens, use_cache=use_cache,
+                                       draft_tokens=draft_tokens, prepack=prepack, **options)
             for i, tokens in zip(batch, new_tokens):
                 texts[i] = cut_at_stop(tokenizer.decode(tokens), stop_strings)
     return texts
+
+
+def _batch_tokens(model: Any, prompts: list[list[int]], num_beams: int, length_penalty: float,
+                  **options: Any) -> list[list[int]]:
+    """A batch's new tokens: decoded together (`generate_tokens`), or with `num_beams` > 1 a
+    beam search per prompt (`beam_search_tokens`; `options` as `generate_tokens` takes them)."""
+    if num_beams == 1:
+        return generate_tokens(model, prompts, **options)
+    kept = {k: options[k] for k in ("max_new_tokens", "eos_ids", "is_done", "prepack")}
+    return [beam_search_tokens(model, p, num_beams=num_beams, length_penalty=length_penalty, **kept) for p in prompts]
+
+
+def check_beams(num_beams: int, temperature: float) -> None:
+    """Fail before any work on a beam count beam search cannot use."""
+    if num_beams < 1:
+        raise LlmftError(f"--num-beams must be at least 1, got {num_beams}")
+    if num_beams > 1 and temperature != 0.0:
+        raise LlmftError(f"beam search (--num-beams {num_beams}) is greedy: it takes no --temperature "
+                         f"(got {temperature})")
 
 
 def text_increments(texts: Iterable[str]) -> Iterator[str]:

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from llmft.cli.options import (
-    command_options, lora_options, prepack_option, prints_results, run_options, sampling_options, train_options,
+    beam_options, command_options, lora_options, prepack_option, prints_results, run_options, sampling_options,
+    train_options,
 )
 
 
@@ -83,14 +84,17 @@ def dpo_cmd(**kwargs) -> None:
 @click.option("--device", default="auto")
 @click.option("--compile", is_flag=True, help="torch.compile the blocks (GPU).")
 @prepack_option
+@beam_options
 def respond_cmd(source: str, split: str, data: str | None, out: Path | None, max_new_tokens: int,
-                batch_size: int, device: str, compile: bool, prepack: bool) -> None:
+                batch_size: int, device: str, compile: bool, prepack: bool, num_beams: int,
+                length_penalty: float) -> None:
     """Answer every entry with a run (SOURCE = run directory) or a model before fine-tuning
     (SOURCE = model name or path, with --data); rerunning continues where it stopped."""
     from llmft.pipelines.instruction import reference_scores, respond
 
     path = respond(source, split=split, data=data, out=out, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                   device=device, compile=compile, prepack=prepack)
+                   device=device, compile=compile, prepack=prepack, num_beams=num_beams,
+                   length_penalty=length_penalty)
     if not prints_results():
         return
     click.echo(f"responses saved to {path}")
@@ -125,15 +129,18 @@ def judge_cmd(responses: Path, judge_spec: str, judge_url: str | None, out: Path
 @click.argument("args", nargs=-1, required=True)
 @click.option("--model", default=None, help="Chat with this model (registry name or path) instead of a run.")
 @sampling_options
+@beam_options
 def generate(args: tuple[str, ...], model: str | None, max_new_tokens: int, temperature: float,
              top_k: int | None, top_p: float | None, seed: int | None, device: str, compile: bool,
-             prepack: bool) -> None:
+             prepack: bool, num_beams: int, length_penalty: float) -> None:
     """Answer prompts: `llmft generate RUN PROMPT...` or `llmft generate --model NAME PROMPT...`.
-    A single prompt's answer is printed as it is generated."""
+    A single prompt's answer is printed as it is generated (with beam search, once it is decided)."""
     from llmft.errors import LlmftError
+    from llmft.generation import check_beams
     from llmft.pipelines.instruction import answer, check_answer_settings, load_chat_model, stream_answer
 
     check_answer_settings(max_new_tokens, batch_size=1)
+    check_beams(num_beams, temperature)
     source, prompts = (model, list(args)) if model else (args[0], list(args[1:]))
     if not prompts:
         raise LlmftError("no prompt given: llmft generate RUN PROMPT... or --model NAME PROMPT...")
@@ -141,8 +148,9 @@ def generate(args: tuple[str, ...], model: str | None, max_new_tokens: int, temp
     entries = [{"instruction": p, "input": ""} for p in prompts]
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     prepack=prepack)
-    if len(entries) > 1:
-        for text in answer(lm, tokenizer, style, entries, **settings):
+    if len(entries) > 1 or num_beams > 1:
+        for text in answer(lm, tokenizer, style, entries, num_beams=num_beams, length_penalty=length_penalty,
+                           **settings):
             click.echo(text)
         return
     for piece in stream_answer(lm, tokenizer, style, entries[0], **settings):

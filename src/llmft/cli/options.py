@@ -167,6 +167,14 @@ def sampling_options(command):
     return command
 
 
+def beam_options(command):
+    """--num-beams and --length-penalty: beam search instead of greedy decoding."""
+    command = click.option("--length-penalty", default=1.0,
+                           help="Beam search: a hypothesis scores its log-probability / length ** this.")(command)
+    return click.option("--num-beams", default=1, help="Beam search with this many beams (1: greedy or sampled).")(
+        command)
+
+
 def add_threads_option(group: click.Group) -> None:
     """Give every command under `group` `--threads N` (torch's CPU threads; default: torch's own),
     applied before the command's other options are read."""

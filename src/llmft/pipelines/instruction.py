@@ -28,7 +28,7 @@ from llmft.data.instruction import (
 )
 from llmft.errors import Interrupted, LlmftError, one_line
 from llmft.evaluation.metrics import score_responses
-from llmft.generation import decoding_session, generate, stream_text, text_increments
+from llmft.generation import check_beams, decoding_session, generate, stream_text, text_increments
 from llmft.plots import plot_values
 from llmft.progress import progress_bar
 from llmft.prompts import PromptStyle, default_prompt_style, get_prompt_style
@@ -274,10 +274,11 @@ def check_answer_settings(max_new_tokens: int, batch_size: int) -> None:
 
 def respond(source: str | Path, *, split: str | None = "test", data: str | None = None, out: Path | None = None,
             max_new_tokens: int = 256, batch_size: int = 8, device: str = "auto", compile: bool = False,
-            prepack: bool = True) -> Path:
+            prepack: bool = True, num_beams: int = 1, length_penalty: float = 1.0) -> Path:
     """Answer every entry of a run's split (or of a data file) into JSON with a
-    `model_response` per entry. `source` is a run directory or, to score a model before
-    fine-tuning, a model spec (then `data` names the entries, e.g. RUN/test.json).
+    `model_response` per entry, greedy or (`num_beams` > 1) by beam search. `source` is a run
+    directory or, to score a model before fine-tuning, a model spec (then `data` names the
+    entries, e.g. RUN/test.json).
 
     The file is rewritten atomically after each batch, so an interrupted run loses at most
     one batch, and a rerun answers only the entries still missing a response. Beside it,
@@ -285,6 +286,7 @@ def respond(source: str | Path, *, split: str | None = "test", data: str | None 
     fails instead of continuing the old file. `prepack`: see `generation.decoding_session`.
     """
     check_answer_settings(max_new_tokens, batch_size)
+    check_beams(num_beams, temperature=0.0)
     resolve_device(device)
     w = init_distributed(device)
     run = RunDir(source)
@@ -295,7 +297,8 @@ def respond(source: str | Path, *, split: str | None = "test", data: str | None 
     out = Path(out or run.file(f"{'data' if data else split}-responses.json"))
     entries = entries_to_answer(run, split, data)
     record = {"source": base_spec(str(source)), "entries": str(Path(data).resolve()) if data else f"split {split}",
-              "entries_fingerprint": entries_fingerprint(entries), "max_new_tokens": max_new_tokens}
+              "entries_fingerprint": entries_fingerprint(entries), "max_new_tokens": max_new_tokens,
+              "num_beams": num_beams, "length_penalty": length_penalty}
     entries = resume_responses(out, entries, record, write=w.is_main)
     model, tokenizer, style = load_chat_model(str(source), device, compile)
     todo = [i for i, e in enumerate(entries) if "model_response" not in e]
@@ -308,7 +311,7 @@ def respond(source: str | Path, *, split: str | None = "test", data: str | None 
         for r in range(rounds):
             rows = mine[r * batch_size:(r + 1) * batch_size]
             texts = answer(model, tokenizer, style, [entries[i] for i in rows], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size) if rows else []
+                           batch_size=batch_size, num_beams=num_beams, length_penalty=length_penalty) if rows else []
             answered = [pair for rank_pairs in all_gather_json(list(zip(rows, texts))) for pair in rank_pairs]
             for i, text in answered:
                 entries[i]["model_response"] = text
