@@ -539,7 +539,8 @@ class BeamSearch:
     def advance(self, logits: torch.Tensor) -> list[int]:
         """Extend the beams by the next-token `logits` (one row per beam, (beams, V)); the
         beam each new beam continues (indices into the old beams), [] once the search is over."""
-        logprobs = logits.float().log_softmax(dim=-1) + torch.tensor([s for _, s in self.beams])[:, None]
+        summed = torch.tensor([s for _, s in self.beams], device=logits.device)[:, None]
+        logprobs = logits.float().log_softmax(dim=-1) + summed
         V, n = logprobs.shape[-1], len(self.beams[0][0]) + 1  # n: each candidate's length
         top = logprobs.flatten().topk(min(self.candidates, logprobs.numel()))
         beams, rows = [], []
@@ -566,7 +567,8 @@ class BeamSearch:
         return full and self.beams[0][1] / n ** self.length_penalty <= self.hypotheses[-1][0]
 
     def best(self) -> list[int]:
-        return self.hypotheses[0][1] if self.hypotheses else self.beams[0][0]
+        """The best hypothesis's new tokens (a search that `advance` ended holds at least one)."""
+        return self.hypotheses[0][1]
 
 
 @torch.no_grad()
@@ -581,7 +583,10 @@ def beam_search_tokens(model: Any, prompt: Sequence[int], *, num_beams: int, max
         raise LlmftError("cannot generate from an empty prompt")
     ids = crop_prompt(prompt, model.cfg.context_length)
     steps = min(max_new_tokens, model.cfg.context_length - len(ids))
-    note_context([len(prompt)], model.cfg.context_length, max_new_tokens)
+    note_context([len(prompt)], model.cfg.context_length, steps)  # the cropped prompt, if it is
+    if steps < max_new_tokens:
+        log.info("note: beam search stops at the model's context of %d tokens: at most %d new tokens after a "
+                 "%d-token prompt", model.cfg.context_length, steps, len(ids))
     if steps < 1:
         return []
     search = BeamSearch(num_beams, steps, eos_ids, length_penalty, is_done)
