@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmft.errors import LlmftError
-from llmft.generation import BeamSearch, beam_search_tokens, generate, generate_tokens
+from llmft.generation import BeamSearch, beam_search_hypotheses, beam_search_tokens, generate, generate_tokens
 from llmft.models import ModelConfig, build_model
 from llmft.weights.huggingface import export_hf
 
@@ -59,6 +59,28 @@ def test_beam_search_equals_transformers(pair, num_beams, length_penalty, eos):
     assert ended_early  # a stop id ended some best hypothesis: the scoring of finished beams counted
 
 
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_every_hypothesis_and_score_equals_transformers(pair, length_penalty):
+    """The whole n-best list: transformers' `num_return_sequences=num_beams` sequences, in its
+    order, and its `sequences_scores` (summed log-probability over length ** penalty). Both
+    sides take float32 log-softmaxes: each of at most 21 steps rounds terms under 30 in size
+    at 2 ** -23 relative, under 4e-6 a step, so the sums agree within 1e-4."""
+    ours, hf = pair
+    eos = [72, 5]
+    for prompt in PROMPTS:
+        got = beam_search_hypotheses(ours, prompt, num_beams=4, max_new_tokens=20, eos_ids=eos,
+                                     length_penalty=length_penalty)
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, early_stopping=False,
+                          eos_token_id=eos, pad_token_id=eos[0], num_beams=4, num_return_sequences=4,
+                          length_penalty=length_penalty, max_new_tokens=20, output_scores=True,
+                          return_dict_in_generate=True)
+        want = [next((row[:i] for i, t in enumerate(row) if t in eos), row)
+                for row in out.sequences[:, len(prompt):].tolist()]
+        assert [tokens for _, tokens in got] == want, prompt
+        assert [score for score, _ in got] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
+
+
 def test_beam_search_differs_from_greedy(pair):
     """Not greedy in disguise: on these weights some prompt's best beam is not the greedy path."""
     ours, _ = pair
@@ -78,14 +100,13 @@ def test_finished_hypotheses_and_stopping():
     rows = search.advance(torch.tensor([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05]]).log())
     # both beams end: scores log(0.3*0.9)/2 and log(0.1*0.9)/2; the held ones beat every live beam
     assert rows == []
-    assert search.best() == []
     assert [t for _, t in search.hypotheses] == [[], [1]]
 
 
 def test_a_stop_string_ends_a_beam_with_its_tokens():
     search = BeamSearch(num_beams=1, max_new_tokens=10, eos_ids=[0], is_done=lambda tokens: tokens[-1] == 2)
     assert search.advance(torch.tensor([[0.1, 0.2, 0.7]]).log()) == []  # the best candidate is done
-    assert search.best() == [2]  # a stop string's tokens stay (the text is cut), a stop id's do not
+    assert search.hypotheses[0][1] == [2]  # a stop string's tokens stay (the text is cut), a stop id's do not
 
 
 class Digits:

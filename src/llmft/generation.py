@@ -566,19 +566,17 @@ class BeamSearch:
         full = len(self.hypotheses) == self.num_beams
         return full and self.beams[0][1] / n ** self.length_penalty <= self.hypotheses[-1][0]
 
-    def best(self) -> list[int]:
-        """The best hypothesis's new tokens (a search that `advance` ended holds at least one)."""
-        return self.hypotheses[0][1]
-
 
 @torch.no_grad()
-def beam_search_tokens(model: Any, prompt: Sequence[int], *, num_beams: int, max_new_tokens: int = 256,
-                       eos_ids: Sequence[int] = (), length_penalty: float = 1.0,
-                       is_done: Callable[[list[int]], bool] | None = None, prepack: bool = True) -> list[int]:
-    """The new tokens of the best hypothesis of a beam search (`BeamSearch`) after one prompt,
-    with the KV cache: the prompt runs once, then the beams are the batch rows, their cache
-    rows copied along with them each step. Prompt and new tokens stay within the context: a
-    longer prompt is cropped to its last tokens, and the new tokens stop where the context ends."""
+def beam_search_hypotheses(model: Any, prompt: Sequence[int], *, num_beams: int, max_new_tokens: int = 256,
+                           eos_ids: Sequence[int] = (), length_penalty: float = 1.0,
+                           is_done: Callable[[list[int]], bool] | None = None,
+                           prepack: bool = True) -> list[tuple[float, list[int]]]:
+    """The hypotheses a beam search (`BeamSearch`) after one prompt holds at its end, best first:
+    (score, new tokens), at most `num_beams` of them, with the KV cache: the prompt runs once,
+    then the beams are the batch rows, their cache rows copied along with them each step. Prompt
+    and new tokens stay within the context: a longer prompt is cropped to its last tokens, and
+    the new tokens stop where the context ends (no hypothesis if no token fits)."""
     if not prompt:
         raise LlmftError("cannot generate from an empty prompt")
     ids = crop_prompt(prompt, model.cfg.context_length)
@@ -595,7 +593,13 @@ def beam_search_tokens(model: Any, prompt: Sequence[int], *, num_beams: int, max
         while rows := search.advance(logits[:, -1]):
             state.select(rows)
             logits = state.step([tokens[-1:] for tokens, _ in search.beams])
-    return search.best()
+    return search.hypotheses
+
+
+def beam_search_tokens(model: Any, prompt: Sequence[int], **options: Any) -> list[int]:
+    """The new tokens of the best hypothesis of `beam_search_hypotheses(model, prompt, **options)`."""
+    hypotheses = beam_search_hypotheses(model, prompt, **options)
+    return hypotheses[0][1] if hypotheses else []
 
 
 def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:
@@ -608,7 +612,7 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], **options: Any
     return out
 
 
-def _stop_check(tokenizer: Any, stop_strings: Sequence[str]) -> Callable[[list[int]], bool] | None:
+def stop_check(tokenizer: Any, stop_strings: Sequence[str]) -> Callable[[list[int]], bool] | None:
     """Whether a row's new tokens end in a stop string. Only the last few tokens are decoded:
     a stop string of n bytes spans at most n tokens, plus one for a token that ends in it."""
     if not stop_strings:
@@ -652,7 +656,7 @@ def _token_options(model: Any, tokenizer: Any, temperature: float, top_k: int | 
         generator = torch.Generator(model.tok_emb.weight.device).manual_seed(seed)
     return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator,
             "eos_ids": [eos_id] if isinstance(eos_id, int) else list(eos_id),
-            "is_done": _stop_check(tokenizer, stop_strings)}
+            "is_done": stop_check(tokenizer, stop_strings)}
 
 
 def _encode(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
