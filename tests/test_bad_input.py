@@ -116,6 +116,8 @@ CASES = [
     ("same-columns", [*TRAIN, "--out", "{w}/r", "--label-column", "text"], "both 'text'", [], ["{w}/r"]),
     ("json-object", ["instruct", "train", "--random-init", "--data", "{w}/object.json", "--out", "{w}/r"],
      "expected a JSON list of objects (or JSON Lines), got one object", [], ["{w}/r"]),
+    ("neftune-alpha", ["instruct", "train", "--random-init", "--data", "{w}/sft.json", "--out", "{w}/r",
+                       "--neftune-alpha", "-5"], "--neftune-alpha must be a positive number, got -5.0", [], ["{w}/r"]),
     ("no-cuda", [*TRAIN, "--out", "{w}/r", "--device", "cuda"], "this machine has no cuda device", [], ["{w}/r"]),
     ("bad-device", [*TRAIN, "--out", "{w}/r", "--device", "gpu0"], "not a device name", [], ["{w}/r"]),
     ("predict-on-sft", ["classify", "predict", "{w}/sft", "hello"], "task is 'instruction'", [], []),

@@ -26,7 +26,7 @@ TINY = {"n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 128}
 # Each case: the pipeline and its options (as keyword arguments). The subprocess is stopped after
 # step STOP_AFTER; checkpoints come every 3 steps and evaluations every 2, so a row is logged
 # after the last checkpoint (step 6) and must not be duplicated on resume. Step 6 ends an epoch
-# of instruction-full; it falls inside an epoch for the others.
+# of instruction-full (which also draws NEFTune's noise); it falls inside an epoch for the others.
 CASES = {
     "classification-full": ("classification", dict(
         max_length=32, train=dict(epochs=2, batch_size=8, eval_freq=2, eval_iter=1, lr=1e-3))),
@@ -34,7 +34,7 @@ CASES = {
         max_length=32, finetune="lora", lora=dict(rank=4, alpha=8, dropout=0.1),
         train=dict(epochs=2, batch_size=8, eval_freq=2, eval_iter=1, lr=1e-3))),
     "instruction-full": ("instruction", dict(
-        max_length=64, config_overrides={**TINY, "drop_rate": 0.1},
+        max_length=64, config_overrides={**TINY, "drop_rate": 0.1}, neftune_alpha=5.0,
         train=dict(epochs=2, batch_size=4, grad_accum=2, warmup_steps=2, lr_schedule="cosine", eval_freq=2,
                    eval_iter=1, lr=1e-3))),
     "instruction-lora": ("instruction", dict(

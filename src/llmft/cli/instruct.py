@@ -27,6 +27,8 @@ def instruct() -> None:
 @click.option("--shuffle-split/--book-split", default=True, help="Seeded shuffle before the 85/10/5 split, "
               "or the book's split of the file in order.")
 @click.option("--mask-prompt", is_flag=True, help="No loss on instruction and input tokens (exercise 7.2).")
+@click.option("--neftune-alpha", type=float, default=None, help="NEFTune: uniform noise of this alpha on the input "
+              "embeddings while training (transformers' neftune_noise_alpha; the paper uses 5).")
 @click.option("--max-length", type=int, default=None, help="Truncate examples (default: the model's context).")
 @lora_options
 @train_options(epochs=2, eval_freq=5, eval_iter=5)

@@ -41,6 +41,7 @@ from llmft.training.distributed import (
 )
 from llmft.training.freezing import count_parameters
 from llmft.training.lora import apply_lora
+from llmft.training.neftune import check_alpha, noisy_embeddings
 from llmft.training.loop import Batch, History, TrainConfig, evaluate_loss, resolve_device, seed_everything, train
 from llmft.training.resources import peak_memory_mb
 from llmft.weights import Pretrained, load_pretrained
@@ -61,8 +62,13 @@ class InstructOptions(RunOptions):
     output_key: str = "output"
     shuffle_split: bool = True  # False: the book's split of the file in order
     mask_prompt: bool = False  # exercise 7.2: no loss on instruction and input tokens
+    neftune_alpha: float | None = None  # NEFTune: noise on the input embeddings while training
     sample_tokens: int = 35  # the book's per-epoch sample length
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, eval_freq=5, eval_iter=5))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_alpha(self.neftune_alpha)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, vocab_size: int,
@@ -223,8 +229,9 @@ def train_instructions(opts: InstructOptions) -> dict[str, Any]:
                                           device, opts.train.precision)
         loss_before = full_val_loss()
         began = time.perf_counter()
-        history = train(model, task, loaders["train"], loaders["validation"], opts.train,
-                        run.metrics() if w.is_main else None, checkpoints=opts.checkpoints(run))
+        with noisy_embeddings(model, opts.neftune_alpha):
+            history = train(model, task, loaders["train"], loaders["validation"], opts.train,
+                            run.metrics() if w.is_main else None, checkpoints=opts.checkpoints(run))
         results = summarize(history, loss_before, full_val_loss())
         results.update(train_seconds=round(time.perf_counter() - began, 2), peak_memory_mb=peak_memory_mb(device),
                        trainable_parameters=count_parameters(model)[0], source=pretrained.source)
