@@ -10,6 +10,7 @@ Evaluation and generation run in eval mode and see no noise."""
 from __future__ import annotations
 
 import logging
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ def add_noise(block: nn.Module, args: tuple[Any, ...], alpha: float) -> tuple[An
         return None
     x, *rest = args
     bound = alpha / math.sqrt(x.shape[1] * x.shape[2])
-    return (x + torch.zeros_like(x).uniform_(-bound, bound), *rest)
+    return (x + torch.empty_like(x).uniform_(-bound, bound), *rest)
 
 
 @contextmanager
@@ -44,7 +45,7 @@ def noisy_embeddings(model: nn.Module, alpha: float | None) -> Iterator[None]:
         yield
         return
     log.info("NEFTune: uniform noise of alpha %g on the input embeddings while training", alpha)
-    handle = model.blocks[0].register_forward_pre_hook(lambda block, args: add_noise(block, args, alpha))
+    handle = model.blocks[0].register_forward_pre_hook(functools.partial(add_noise, alpha=alpha))
     try:
         yield
     finally:
