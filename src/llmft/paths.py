@@ -1,8 +1,12 @@
-"""Where llmft keeps downloads, and where it finds local copies of public data."""
+"""Where llmft keeps downloads, where it finds local copies of public data, and how it writes a
+file that a reader must never see half-written."""
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -24,3 +28,17 @@ def find_local(relative: str) -> Path | None:
         if (d / relative).is_file():
             return d / relative
     return None
+
+
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path`, this call's own, for the block to write; renamed onto
+    `path` when the block ends, removed when it raises. A reader (or a process writing the same
+    file at the same time) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

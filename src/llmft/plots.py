@@ -4,7 +4,6 @@ or tokens seen), and scikit-learn's displays (a classifier's confusion matrix an
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,15 +11,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from llmft.paths import replaced_atomically  # noqa: E402
+
 
 def save_figure(fig, out_stem: Path) -> list[Path]:
     """`out_stem`.png and .pdf, each complete or absent; the figure is closed."""
     paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
     try:
         for path in paths:
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            fig.savefig(tmp, format=path.suffix[1:])
-            tmp.replace(path)
+            with replaced_atomically(path) as tmp:
+                fig.savefig(tmp, format=path.suffix[1:])
     finally:
         plt.close(fig)
     return paths

@@ -25,6 +25,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from llmft.errors import LlmftError, one_line
 from llmft.models.config import ModelConfig
+from llmft.paths import replaced_atomically
 from llmft.tasks import check_meta
 from llmft.training.metrics_log import MetricsLog
 
@@ -335,17 +336,10 @@ def create_run(out: Path | str, overwrite: bool = False, inputs: Iterable[Path] 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write through a temporary file, fsync and rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

