@@ -27,6 +27,8 @@ TINY = {"n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 128}
 # step STOP_AFTER; checkpoints come every 3 steps and evaluations every 2, so a row is logged
 # after the last checkpoint (step 6) and must not be duplicated on resume. Step 6 ends an epoch
 # of instruction-full (which also draws NEFTune's noise); it falls inside an epoch for the others.
+# instruction-lora averages its weights from step 3 of 26 on (`average_tail`): the checkpoint
+# holds the mean of steps 3-6.
 CASES = {
     "classification-full": ("classification", dict(
         max_length=32, train=dict(epochs=2, batch_size=8, eval_freq=2, eval_iter=1, lr=1e-3))),
@@ -39,7 +41,7 @@ CASES = {
                    eval_iter=1, lr=1e-3))),
     "instruction-lora": ("instruction", dict(
         max_length=64, finetune="lora", lora=dict(rank=4, alpha=8, dropout=0.1),
-        train=dict(epochs=2, batch_size=4, eval_freq=2, eval_iter=1, lr=1e-3))),
+        train=dict(epochs=2, batch_size=4, eval_freq=2, eval_iter=1, lr=1e-3, average_tail=0.9))),
 }
 STOP_AFTER = 8
 
@@ -139,6 +141,7 @@ def test_a_killed_run_resumes_bit_for_bit(case, data, tmp_path):
     assert not (tmp_path / "resumed").exists()
     saved = json.loads((staging / "checkpoints" / "step-000006" / "state.json").read_text())
     assert len((staging / "metrics.csv").read_text().splitlines()) - 1 > len(saved["history"]["steps"])
+    assert saved["extra"].get("average_count") == (4 if "average_tail" in CASES[case][1]["train"] else None)
     run_case(case, tmp_path / "resumed", resume=True)
     assert_same_run(tmp_path / "whole", tmp_path / "resumed")
 

@@ -116,6 +116,55 @@ def test_gradient_accumulation_matches_a_bigger_batch(tiny_gpt2_config, monkeypa
         torch.testing.assert_close(b, a, rtol=0, atol=2**-14 * scale)
 
 
+class WeightRecorder:
+    """A metrics sink that keeps the model's weights (in float64) at every loss evaluation."""
+
+    def __init__(self, model):
+        self.model, self.weights = model, {}
+
+    def write(self, table, row):
+        if table == "steps":
+            self.weights[row["step"]] = {n: p.detach().double().clone() for n, p in self.model.named_parameters()}
+
+    def clear(self):
+        self.weights.clear()
+
+
+def test_tail_averaging_ends_with_the_mean_of_the_last_steps(tiny_gpt2_config):
+    """--average-tail 0.4 of 10 steps: the run trains exactly as without it and ends with the
+    mean of the weights after steps 7 to 10.
+
+    The float32 running mean m_k = m_(k-1) + (w_k - m_(k-1)) / k takes 3 updates here; each
+    rounds a difference, a product and a sum of numbers no larger than M (the largest |weight|
+    of the tensor over those steps) by at most 2**-24 M each, and later updates scale earlier
+    errors by (k - 1) / k < 1. So it is within 9 * 2**-24 M of the exact mean; 16 * 2**-24 M is
+    allowed. The last step's weights differ from the mean by far more (lr 1e-2)."""
+    torch.manual_seed(0)
+    base = build_model(tiny_gpt2_config)
+    data = torch.randint(0, 1000, (20, 10))
+    batches = [{"x": data[i:i + 2]} for i in range(0, 20, 2)]  # 10 optimizer steps
+    models = {}
+    for fraction in (None, 0.4):
+        models[fraction] = copy.deepcopy(base)
+        recorder = WeightRecorder(models[fraction])
+        train(models[fraction], NextTokenTask(), batches, batches[:1],
+              TrainConfig(epochs=1, eval_freq=1, eval_iter=1, lr=1e-2, device="cpu", average_tail=fraction),
+              recorder, show_progress=False)
+        if fraction is None:
+            plain = recorder.weights
+    assert recorder.weights.keys() == plain.keys() == set(range(11))
+    for step, weights in plain.items():  # the steps themselves are the same
+        assert all(weights[n].equal(recorder.weights[step][n]) for n in weights), step
+    moved = 0.0
+    for name, p in models[0.4].named_parameters():
+        tail = torch.stack([plain[step][name] for step in (7, 8, 9, 10)])
+        scale = tail.abs().max().item()
+        torch.testing.assert_close(p.double(), tail.mean(0), rtol=0, atol=16 * 2**-24 * scale)
+        moved = max(moved, (p.double() - tail[-1]).abs().max().item() / max(scale, 1e-30))
+        assert models[None].state_dict()[name].double().equal(tail[-1])  # without it: the last step's
+    assert moved > 1e-3
+
+
 def test_cached_and_token_loaders_batch_identically_when_grouped(tiny_gpt2_config, sms_splits, gpt2_tokenizer):
     model = SequenceClassifier(build_model(tiny_gpt2_config), 2)
     apply_trainable(model.backbone, "last-block")

@@ -33,6 +33,8 @@ HELP = {
     "strategy": "Under torchrun: ddp (auto) or fsdp (FSDP2, each block sharded).",
     "checkpoint_every": "Checkpoint every N optimizer steps and at each epoch's end (for --resume).",
     "keep_checkpoints": "How many checkpoints to keep.",
+    "average_tail": "End with the uniform average of the weights after each optimizer step of this last "
+                    "fraction of training (tail averaging, SWA without its schedule), e.g. 0.5.",
 }
 
 

@@ -28,6 +28,7 @@ from llmft.data.batching import order_state, set_order_state
 from llmft.errors import Interrupted, LlmftError
 from llmft.models.transformer import DecoderLM
 from llmft.progress import progress_bar
+from llmft.training.averaging import TailAverage, first_averaged_step
 from llmft.training.distributed import (
     STRATEGIES, all_reduce_sum, barrier, distribute, gather_into, is_sharded, load_sharded, no_sync, rank_weight,
     sharded_state, world,
@@ -64,6 +65,7 @@ class TrainConfig:
     strategy: str = "auto"  # under torchrun: ddp (auto) or fsdp
     checkpoint_every: int | None = None  # checkpoint every N optimizer steps and at each epoch's end
     keep_checkpoints: int = 1  # how many checkpoints to keep
+    average_tail: float | None = None  # end with the mean weights of this last fraction of the steps
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "grad_accum", "keep_checkpoints"):
@@ -73,6 +75,11 @@ class TrainConfig:
             raise LlmftError(f"--lr must be positive, got {self.lr}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise LlmftError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        if self.average_tail is not None and not 0 < self.average_tail <= 1:
+            raise LlmftError(f"--average-tail must be a fraction in (0, 1], got {self.average_tail}")
+        if self.average_tail is not None and self.strategy == "fsdp":
+            raise LlmftError("--average-tail: not with --strategy fsdp (each rank holds only shards of the weights); "
+                             "use --strategy ddp")
         if self.lr_schedule not in ("constant", "cosine"):
             raise LlmftError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
@@ -234,6 +241,14 @@ class _Loop:
         self.epoch_order = order_state(train_batches)  # the data order's RNG when the epoch began
         self.interrupts = Interrupts()
         self.ranks = world().size
+        self.average = self.tail_average()
+
+    def tail_average(self) -> TailAverage | None:
+        """The running mean of the trainable weights that `--average-tail` asks for."""
+        if self.cfg.average_tail is None:
+            return None
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return TailAverage(trainable, first_averaged_step(self.total_steps, self.cfg.average_tail))
 
     def across_ranks(self, count: int) -> int:
         """The sum of a count over the ranks (no collective, nothing allocated, on one process)."""
@@ -271,6 +286,8 @@ class _Loop:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update(self.step)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state(self, epoch: int, batch: int) -> LoopState:
@@ -279,10 +296,12 @@ class _Loop:
         optim, groups = optimizer_state(self.optimizer)
         rngs, rng_extra = rng_state()
         tensors = {**({} if self.sharded else optim), **rngs, "order.epoch": self.epoch_order,
-                   "order.now": order_state(self.train_batches)}
+                   "order.now": order_state(self.train_batches),
+                   **(self.average.tensors() if self.average is not None else {})}
+        averaged = {} if self.average is None else {"average_count": self.average.count}
         return LoopState(epoch, batch, self.step, self.seen, {"steps": self.history.steps,
                                                              "epochs": self.history.epochs}, tensors,
-                         {"param_groups": groups, "scaler": self.scaler.state_dict(), **rng_extra})
+                         {"param_groups": groups, "scaler": self.scaler.state_dict(), **rng_extra, **averaged})
 
     def save(self, epoch: int, batch: int) -> None:
         """Rank 0 writes the checkpoint (every rank holds the same state); under FSDP every rank
@@ -307,6 +326,8 @@ class _Loop:
                     params[name].copy_(value)
             load_optimizer_state(self.optimizer, state.tensors, state.extra["param_groups"])
         self.scaler.load_state_dict(state.extra["scaler"])
+        if self.average is not None:
+            self.average.load(state.tensors, state.extra["average_count"])
         self.step, self.seen = state.step, state.seen
         self.history = History(state.history["steps"], state.history["epochs"])
         if self.metrics is not None:  # rows logged after the checkpoint are dropped
@@ -392,6 +413,10 @@ class _Loop:
                     self.epoch(epoch, bar, resumed.batch, resumed)
                 else:
                     self.epoch(epoch, bar)
+        if self.average is not None:
+            self.average.apply()
+            log.info("weights: the mean over the last %d of %d optimizer steps (--average-tail %g)",
+                     self.average.count, self.total_steps, self.cfg.average_tail)
         return self.history
 
 
