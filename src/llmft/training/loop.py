@@ -403,7 +403,8 @@ class _Loop:
             resumed = found[1]
         else:
             first = self.evaluate(0.0)
-            log.info("before training: train loss %.3f, validation loss %.3f", first["train_loss"], first["val_loss"])
+            log.info("before training: train loss %.3f, validation loss %.3f (the first %d batches of each)",
+                     first["train_loss"], first["val_loss"], self.cfg.eval_iter)
         self.runner.train()
         start = resumed.epoch if resumed else 0
         with self.interrupts, progress_bar(total=self.total_steps, initial=self.step + 1, desc="train", unit="step",
