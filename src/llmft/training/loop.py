@@ -247,8 +247,11 @@ class _Loop:
         """The running mean of the trainable weights that `--average-tail` asks for."""
         if self.cfg.average_tail is None:
             return None
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        return TailAverage(trainable, first_averaged_step(self.total_steps, self.cfg.average_tail))
+        return TailAverage(self.trainable(), first_averaged_step(self.total_steps, self.cfg.average_tail))
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """The model's parameters that train, by name: what a checkpoint and the average hold."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def across_ranks(self, count: int) -> int:
         """The sum of a count over the ranks (no collective, nothing allocated, on one process)."""
@@ -309,8 +312,7 @@ class _Loop:
         if self.sharded:
             self.checkpoints.save_sharded(sharded_state(self.runner, self.optimizer), self.state(epoch, batch))
         elif world().is_main:
-            trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            self.checkpoints.save(trainable, self.state(epoch, batch))
+            self.checkpoints.save(self.trainable(), self.state(epoch, batch))
         barrier()
 
     def restore(self, trainable: dict[str, torch.Tensor], state: LoopState) -> None:
