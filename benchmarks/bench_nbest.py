@@ -7,7 +7,7 @@ read on test.
         --out docs/results/book-split-nbest.json
 
 `decode` answers a split of an instruction run with beam search (as `llmft instruct respond
---num-beams N` does, every entry's prompt on its own) and keeps every held hypothesis: its score
+--num-beams N` does; here every entry's prompt on its own) and keeps every held hypothesis: its score
 (summed log-probability over length ** penalty), its length in tokens and its answer text.
 `score` reads such files and scores each rule's pick by ROUGE-L F1 against the entry's `output`:
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llmft.errors import LlmftError
-from llmft.generation import BeamSearch, beam_search_hypotheses, beam_search_tokens, generate, generate_tokens
+from llmft.generation import (BeamSearch, beam_search_batch, beam_search_hypotheses, beam_search_tokens, generate,
+                              generate_tokens)
 from llmft.models import ModelConfig, build_model
 from llmft.weights.huggingface import export_hf
 
@@ -79,6 +80,24 @@ def test_every_hypothesis_and_score_equals_transformers(pair, length_penalty):
                 for row in out.sequences[:, len(prompt):].tolist()]
         assert [tokens for _, tokens in got] == want, prompt
         assert [score for score, _ in got] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
+
+
+def test_prompts_searched_together_hold_what_each_holds_alone(pair):
+    """Several prompts in one batch (left padding, each search ending at its own step, one prompt
+    with fewer steps before the context ends, one with none) hold the hypotheses each holds when
+    searched alone. The batch's float64 logits differ from the lone ones in their last bits; cast
+    to float32 for the log-softmax, a term may round one ulp apart (2 ** -23 relative, terms under
+    30), so over at most 21 steps the scores agree within 1e-4, as with transformers above."""
+    ours, _ = pair
+    eos = [72, 5]
+    prompts = [*PROMPTS, list(range(60)), list(range(64))]
+    together = beam_search_batch(ours, prompts, num_beams=4, max_new_tokens=20, eos_ids=eos)
+    for prompt, got in zip(prompts, together):
+        alone = beam_search_hypotheses(ours, prompt, num_beams=4, max_new_tokens=20, eos_ids=eos)
+        assert [tokens for _, tokens in got] == [tokens for _, tokens in alone], prompt
+        assert [score for score, _ in got] == pytest.approx([score for score, _ in alone], abs=1e-4)
+    assert together[-1] == [] and max(len(tokens) for _, tokens in together[-2]) <= 4
+    assert len({len(hypotheses[0][1]) for hypotheses in together[:3]}) > 1  # the searches ended apart
 
 
 def test_beam_search_differs_from_greedy(pair):

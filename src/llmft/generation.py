@@ -567,33 +567,65 @@ class BeamSearch:
         return full and self.beams[0][1] / n ** self.length_penalty <= self.hypotheses[-1][0]
 
 
+def _beam_steps(prompts: Sequence[Sequence[int]], max_new_tokens: int, context_length: int) -> list[int]:
+    """How many new tokens each cropped prompt's search may take: as many as asked, less where
+    the context ends (a line says so)."""
+    steps = [min(max_new_tokens, context_length - len(p)) for p in prompts]
+    for prompt, n in zip(prompts, steps):
+        if n < max_new_tokens:
+            log.info("note: beam search stops at the model's context of %d tokens: at most %d new tokens after a "
+                     "%d-token prompt", context_length, max(n, 0), len(prompt))
+    return steps
+
+
 @torch.no_grad()
-def beam_search_hypotheses(model: Any, prompt: Sequence[int], *, num_beams: int, max_new_tokens: int = 256,
-                           eos_ids: Sequence[int] = (), length_penalty: float = 1.0,
-                           is_done: Callable[[list[int]], bool] | None = None,
-                           prepack: bool = True) -> list[tuple[float, list[int]]]:
-    """The hypotheses a beam search (`BeamSearch`) after one prompt holds at its end, best first:
-    (score, new tokens), at most `num_beams` of them, with the KV cache: the prompt runs once,
-    then the beams are the batch rows, their cache rows copied along with them each step. Prompt
-    and new tokens stay within the context: a longer prompt is cropped to its last tokens, and
-    the new tokens stop where the context ends (no hypothesis if no token fits)."""
-    if not prompt:
+def beam_search_batch(model: Any, prompts: Sequence[Sequence[int]], *, num_beams: int, max_new_tokens: int = 256,
+                      eos_ids: Sequence[int] = (), length_penalty: float = 1.0,
+                      is_done: Callable[[list[int]], bool] | None = None,
+                      prepack: bool = True) -> list[list[tuple[float, list[int]]]]:
+    """The hypotheses each prompt's beam search (`BeamSearch`) holds at its end, best first:
+    (score, new tokens), at most `num_beams` of them. The prompts are searched together with the
+    KV cache: they run once, as one left-padded batch, then every live beam of every prompt is a
+    batch row, its cache row copied along with it each step, and a prompt's rows leave the batch
+    when its search ends. Prompt and new tokens stay within the context: a longer prompt is
+    cropped to its last tokens, and the new tokens stop where the context ends (no hypothesis if
+    no token fits)."""
+    if not all(prompts):
         raise LlmftError("cannot generate from an empty prompt")
-    ids = crop_prompt(prompt, model.cfg.context_length)
-    steps = min(max_new_tokens, model.cfg.context_length - len(ids))
-    note_context([len(prompt)], model.cfg.context_length, steps)  # the cropped prompt, if it is
-    if steps < max_new_tokens:
-        log.info("note: beam search stops at the model's context of %d tokens: at most %d new tokens after a "
-                 "%d-token prompt", model.cfg.context_length, steps, len(ids))
-    if steps < 1:
-        return []
-    search = BeamSearch(num_beams, steps, eos_ids, length_penalty, is_done)
-    with decoding_session(model, prepack), DecodingState(model, [ids], steps, use_cache=True) as state:
-        logits = state.prefill()
-        while rows := search.advance(logits[:, -1]):
-            state.select(rows)
-            logits = state.step([tokens[-1:] for tokens, _ in search.beams])
-    return search.hypotheses
+    note_context([len(p) for p in prompts], model.cfg.context_length, max_new_tokens)  # a cropped prompt, if one is
+    ids = [crop_prompt(p, model.cfg.context_length) for p in prompts]
+    steps = _beam_steps(ids, max_new_tokens, model.cfg.context_length)
+    searches = [BeamSearch(num_beams, n, eos_ids, length_penalty, is_done) for n in steps]
+    going = [i for i, n in enumerate(steps) if n >= 1]  # the prompts with live beams, in batch order
+    if going:
+        with decoding_session(model, prepack), \
+                DecodingState(model, [ids[i] for i in going], max(steps), use_cache=True) as state:
+            logits = state.prefill()[:, -1]  # (rows, V): one row per live beam, each prompt's together
+            while going:
+                going, rows = _advance_beams(searches, going, logits)
+                if going:
+                    state.select(rows)
+                    logits = state.step([tokens[-1:] for i in going for tokens, _ in searches[i].beams])[:, -1]
+    return [search.hypotheses for search in searches]
+
+
+def _advance_beams(searches: list[BeamSearch], going: list[int], logits: torch.Tensor) -> tuple[list[int], list[int]]:
+    """One step of every going search, each on its own beams' rows of `logits` (B, V): the
+    searches that go on, and the batch rows their new beams continue (indices into the old rows)."""
+    still, rows, first = [], [], 0
+    for i in going:
+        count = len(searches[i].beams)
+        chosen = searches[i].advance(logits[first:first + count])
+        if chosen:
+            still.append(i)
+            rows += [first + r for r in chosen]
+        first += count
+    return still, rows
+
+
+def beam_search_hypotheses(model: Any, prompt: Sequence[int], **options: Any) -> list[tuple[float, list[int]]]:
+    """The hypotheses of one prompt's beam search: `beam_search_batch(model, [prompt], **options)`."""
+    return beam_search_batch(model, [prompt], **options)[0]
 
 
 def beam_search_tokens(model: Any, prompt: Sequence[int], **options: Any) -> list[int]:
@@ -673,8 +705,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Seque
     """The new text of each prompt (strings, or token id lists), in input order.
 
     Greedy when `temperature` is 0, else sampled (`top_k`, `top_p`); `seed` makes sampling
-    reproducible. `num_beams` > 1: beam search instead (`beam_search_tokens`, not sampled), one
-    prompt at a time, its beams the batch. Generation of a prompt ends at `eos_id` (default:
+    reproducible. `num_beams` > 1: beam search instead (`beam_search_batch`, not sampled), the
+    `batch_size` prompts of a batch searched together, `num_beams` rows each. Generation of a prompt ends at `eos_id` (default:
     the tokenizer's end-of-text; pass a list to add a chat template's end-of-turn id, see
     `PromptStyle.stop_token_ids`) or at the first stop string, which is cut off with everything
     after it. `draft_tokens` and `prepack`: see `stream_tokens`.
@@ -697,12 +729,14 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Seque
 
 def _batch_tokens(model: Any, prompts: list[list[int]], num_beams: int, length_penalty: float,
                   **options: Any) -> list[list[int]]:
-    """A batch's new tokens: decoded together (`generate_tokens`), or with `num_beams` > 1 a
-    beam search per prompt (`beam_search_tokens`; `options` as `generate_tokens` takes them)."""
+    """A batch's new tokens: decoded together (`generate_tokens`), or with `num_beams` > 1 by beam
+    search, the prompts searched together (`beam_search_batch`; `options` as `generate_tokens`
+    takes them)."""
     if num_beams == 1:
         return generate_tokens(model, prompts, **options)
     kept = {k: options[k] for k in ("max_new_tokens", "eos_ids", "is_done", "prepack")}
-    return [beam_search_tokens(model, p, num_beams=num_beams, length_penalty=length_penalty, **kept) for p in prompts]
+    found = beam_search_batch(model, prompts, num_beams=num_beams, length_penalty=length_penalty, **kept)
+    return [hypotheses[0][1] if hypotheses else [] for hypotheses in found]
 
 
 def check_beams(num_beams: int, temperature: float) -> None:
