@@ -27,7 +27,7 @@ TINY = {"n_layers": 2, "emb_dim": 32, "n_heads": 2, "context_length": 128}
 # step STOP_AFTER; checkpoints come every 3 steps and evaluations every 2, so a row is logged
 # after the last checkpoint (step 6) and must not be duplicated on resume. Step 6 ends an epoch
 # of instruction-full (which also draws NEFTune's noise); it falls inside an epoch for the others.
-# instruction-lora averages its weights from step 3 of 26 on (`average_tail`): the checkpoint
+# instruction-lora averages its weights from step 3 of 24 on (`average_tail`): the checkpoint
 # holds the mean of steps 3-6.
 CASES = {
     "classification-full": ("classification", dict(
@@ -171,6 +171,22 @@ def test_a_resume_with_other_options_is_refused(data, tmp_path):
     with pytest.raises(LlmftError, match="an interrupted run left a checkpoint .* add --resume"):
         run_case("classification-full", tmp_path / "run")
     run_case("classification-full", tmp_path / "run", resume=True, train_changes={"epochs": 3})  # more epochs: fine
+
+
+def test_a_resume_with_other_epochs_moves_the_averaged_tail(data, tmp_path):
+    """instruction-lora's checkpoint after step 6 averages from step 3 on (24 steps). With 5
+    epochs (60 steps) the last 0.9 begins at step 7, after the checkpoint: the mean starts anew
+    and the run ends as an uninterrupted 5-epoch run does, bit for bit. With 3 epochs (36 steps)
+    it would begin at step 4, already taken without being averaged: refused, the checkpoint kept."""
+    case = "instruction-lora"
+    stopped_run(case, tmp_path / "resumed")
+    with pytest.raises(LlmftError, match=r"averages the weights from step 3 on; with 36 optimizer steps "
+                                         r"--average-tail 0.9 would begin at step 4, which is past"):
+        run_case(case, tmp_path / "resumed", resume=True, train_changes={"epochs": 3})
+    assert (tmp_path / ".resumed.staging" / "checkpoints").is_dir()
+    run_case(case, tmp_path / "whole", train_changes={"epochs": 5})
+    run_case(case, tmp_path / "resumed", resume=True, train_changes={"epochs": 5})
+    assert_same_run(tmp_path / "whole", tmp_path / "resumed")
 
 
 def test_resume_without_a_checkpoint_says_so(data, tmp_path, capsys):

@@ -249,6 +249,22 @@ class _Loop:
             return None
         return TailAverage(self.trainable(), first_averaged_step(self.total_steps, self.cfg.average_tail))
 
+    def restore_average(self, state: LoopState) -> None:
+        """The checkpoint's running mean. With other --epochs the averaged tail moves: a tail that
+        now begins after the checkpoint starts anew; one that would begin at another step already
+        taken cannot be had, so the resume is refused."""
+        began, start = state.extra.get("average_start", self.average.start), self.average.start
+        if began == start:
+            self.average.load(state.tensors, state.extra["average_count"])
+        elif start > state.step:
+            log.info("--average-tail: with %d optimizer steps the average now begins at step %d (it had begun at "
+                     "step %d): the mean so far is dropped", self.total_steps, start + 1, began + 1)
+        else:
+            raise LlmftError(f"--resume: the checkpoint after step {state.step + 1} averages the weights from step "
+                             f"{began + 1} on; with {self.total_steps} optimizer steps --average-tail "
+                             f"{self.cfg.average_tail:g} would begin at step {start + 1}, which is past: resume "
+                             "with the checkpoint's --epochs, or enough more that the tail begins after it")
+
     def trainable(self) -> dict[str, nn.Parameter]:
         """The model's parameters that train, by name: what a checkpoint and the average hold."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -301,7 +317,8 @@ class _Loop:
         tensors = {**({} if self.sharded else optim), **rngs, "order.epoch": self.epoch_order,
                    "order.now": order_state(self.train_batches),
                    **(self.average.tensors() if self.average is not None else {})}
-        averaged = {} if self.average is None else {"average_count": self.average.count}
+        averaged = {} if self.average is None else {"average_count": self.average.count,
+                                                     "average_start": self.average.start}
         return LoopState(epoch, batch, self.step, self.seen, {"steps": self.history.steps,
                                                              "epochs": self.history.epochs}, tensors,
                          {"param_groups": groups, "scaler": self.scaler.state_dict(), **rng_extra, **averaged})
@@ -329,7 +346,7 @@ class _Loop:
             load_optimizer_state(self.optimizer, state.tensors, state.extra["param_groups"])
         self.scaler.load_state_dict(state.extra["scaler"])
         if self.average is not None:
-            self.average.load(state.tensors, state.extra["average_count"])
+            self.restore_average(state)
         self.step, self.seen = state.step, state.seen
         self.history = History(state.history["steps"], state.history["epochs"])
         if self.metrics is not None:  # rows logged after the checkpoint are dropped
