@@ -1,4 +1,5 @@
-"""What several test modules share: where the real data is, and the smallest training task."""
+"""What several test modules share: where the real data is, the smallest training task, and llmft's
+model on a Hugging Face folder's weights."""
 
 from __future__ import annotations
 
@@ -37,3 +38,15 @@ def write_slices(root: Path, sms_lines: int, instructions: int) -> Path:
                                    encoding="utf-8")
     (root / "sft.json").write_text(json.dumps(json.loads(INSTRUCTIONS.read_text())[:instructions]))
     return root
+
+
+def ours_from_folder(folder: Path, **overrides) -> torch.nn.Module:
+    """llmft's model on a Hugging Face folder's config (with `overrides`, e.g. drop_rate=0.0) and
+    weights, in eval mode."""
+    from llmft.models import build_model
+    from llmft.weights.huggingface import load_hf_folder
+
+    cfg, state = load_hf_folder(folder)
+    model = build_model(cfg.with_(**overrides))
+    model.load_state_dict(state)
+    return model.eval()

@@ -23,6 +23,7 @@ from llmft.training.heads import SequenceClassifier
 from llmft.weights import load_pretrained
 from llmft.weights.gguf import load_gguf
 from llmft.weights.huggingface import config_from_hf, config_to_hf, export_hf, load_hf_folder
+from tests.helpers import ours_from_folder
 from tests.test_weights_hf import VOCAB, assert_same_logits, perturbed, transformers
 
 # Four layers, the third global: a local layer before and after a global one, and a window of
@@ -49,13 +50,6 @@ def hf_folder(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     hf, folder = hf_gemma3(), tmp_path_factory.mktemp("gemma3")
     hf.save_pretrained(folder, safe_serialization=True)
     return hf, folder
-
-
-def ours_from_folder(folder: Path) -> torch.nn.Module:
-    cfg, state = load_hf_folder(folder)
-    model = build_model(cfg)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 # -- the architecture, against transformers --------------------------------------------------

@@ -8,8 +8,7 @@ import torch
 
 from llmft.errors import LlmftError
 from llmft.training.neftune import noisy_embeddings
-from llmft.weights.huggingface import load_hf_folder
-from llmft.models import build_model
+from tests.helpers import ours_from_folder
 from tests.test_gemma3 import hf_gemma3
 from tests.test_weights_hf import VOCAB, hf_model
 
@@ -24,10 +23,7 @@ def pair(kind: str, tmp_path) -> tuple[torch.nn.Module, torch.nn.Module]:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     hf.save_pretrained(tmp_path, safe_serialization=True)
-    cfg, state = load_hf_folder(tmp_path)
-    ours = build_model(cfg.with_(drop_rate=0.0))
-    ours.load_state_dict(state)
-    return hf.train(), ours.train()
+    return hf.train(), ours_from_folder(tmp_path, drop_rate=0.0).train()
 
 
 def noisy_logits(run, seed: int = 7) -> torch.Tensor:
