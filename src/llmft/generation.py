@@ -706,10 +706,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Seque
 
     Greedy when `temperature` is 0, else sampled (`top_k`, `top_p`); `seed` makes sampling
     reproducible. `num_beams` > 1: beam search instead (`beam_search_batch`, not sampled), the
-    `batch_size` prompts of a batch searched together, `num_beams` rows each. Generation of a prompt ends at `eos_id` (default:
-    the tokenizer's end-of-text; pass a list to add a chat template's end-of-turn id, see
-    `PromptStyle.stop_token_ids`) or at the first stop string, which is cut off with everything
-    after it. `draft_tokens` and `prepack`: see `stream_tokens`.
+    `batch_size` prompts of a batch searched together, `num_beams` rows each. Generation of a
+    prompt ends at `eos_id` (default: the tokenizer's end-of-text; pass a list to add a chat
+    template's end-of-turn id, see `PromptStyle.stop_token_ids`) or at the first stop string,
+    which is cut off with everything after it. `draft_tokens` and `prepack`: see `stream_tokens`.
     """
     options = _token_options(model, tokenizer, temperature, top_k, top_p, stop_strings, eos_id, seed)
     check_beams(num_beams, temperature)

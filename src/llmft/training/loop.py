@@ -252,13 +252,14 @@ class _Loop:
     def restore_average(self, state: LoopState) -> None:
         """The checkpoint's running mean. With other --epochs the averaged tail moves: a tail that
         now begins after the checkpoint starts anew; one that would begin at another step already
-        taken cannot be had, so the resume is refused."""
+        taken cannot be had, so the resume is refused. (A checkpoint without "average_start"
+        predates the field: its tail is taken to begin where this run's does.)"""
         began, start = state.extra.get("average_start", self.average.start), self.average.start
         if began == start:
             self.average.load(state.tensors, state.extra["average_count"])
         elif start > state.step:
-            log.info("--average-tail: with %d optimizer steps the average now begins at step %d (it had begun at "
-                     "step %d): the mean so far is dropped", self.total_steps, start + 1, began + 1)
+            log.info("--average-tail: with %d optimizer steps the average begins at step %d, not %d",
+                     self.total_steps, start + 1, began + 1)
         else:
             raise LlmftError(f"--resume: the checkpoint after step {state.step + 1} averages the weights from step "
                              f"{began + 1} on; with {self.total_steps} optimizer steps --average-tail "
