@@ -3,7 +3,6 @@ same weights, and its plumbing (cache rows that follow their beams, stop strings
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

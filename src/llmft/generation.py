@@ -628,10 +628,14 @@ def beam_search_hypotheses(model: Any, prompt: Sequence[int], **options: Any) ->
     return beam_search_batch(model, [prompt], **options)[0]
 
 
+def best_tokens(hypotheses: list[tuple[float, list[int]]]) -> list[int]:
+    """The new tokens of a search's best hypothesis (none when it holds none)."""
+    return hypotheses[0][1] if hypotheses else []
+
+
 def beam_search_tokens(model: Any, prompt: Sequence[int], **options: Any) -> list[int]:
     """The new tokens of the best hypothesis of `beam_search_hypotheses(model, prompt, **options)`."""
-    hypotheses = beam_search_hypotheses(model, prompt, **options)
-    return hypotheses[0][1] if hypotheses else []
+    return best_tokens(beam_search_hypotheses(model, prompt, **options))
 
 
 def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:
@@ -736,7 +740,7 @@ def _batch_tokens(model: Any, prompts: list[list[int]], num_beams: int, length_p
         return generate_tokens(model, prompts, **options)
     kept = {k: options[k] for k in ("max_new_tokens", "eos_ids", "is_done", "prepack")}
     found = beam_search_batch(model, prompts, num_beams=num_beams, length_penalty=length_penalty, **kept)
-    return [hypotheses[0][1] if hypotheses else [] for hypotheses in found]
+    return [best_tokens(hypotheses) for hypotheses in found]
 
 
 def check_beams(num_beams: int, temperature: float) -> None:
